@@ -1,0 +1,45 @@
+"""Installs discreteflow_jax. JAX is installed for the CPU by default; see README for TPU/GPU."""
+
+from setuptools import find_packages, setup
+
+# Lower bounds are the versions the test-suite was run with; upper bounds stop a
+# future major/minor release with breaking API changes from being picked silently.
+INSTALL_REQUIRES = [
+    "jax[cpu]>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "ml_collections>=1.1.0,<2",
+    "absl-py>=2.1,<3",
+    "numpy>=2.0,<3",
+    "sentencepiece>=0.2.0,<0.3",
+    "tokenizers>=0.23,<0.24",
+    "safetensors>=0.5,<1",
+    "datasets>=4.0,<6",
+    "pyarrow>=18",
+    "tensorboardX>=2.6,<3",
+    "matplotlib>=3.8,<4",
+]
+
+TEST_REQUIRES = [
+    "pytest>=8,<10",
+    "ruff>=0.6",
+    # Only the tests compare against PyTorch reference models. Pin exactly: an
+    # unpinned torch pulls a multi-GB CUDA build.
+    "torch==2.13.0",
+    "transformers>=5.0,<6",
+]
+
+setup(
+    name="discreteflow_jax",
+    version="0.1.0",
+    description="TokenFlow language models and Gumbel reflow distillation in JAX/Flax",
+    packages=find_packages(include=["discreteflow_jax", "discreteflow_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": TEST_REQUIRES,
+        # Online HF tokenizers/checkpoints (tokenizers loaded by Hub id).
+        "hf": ["transformers>=5.0,<6"],
+    },
+)
