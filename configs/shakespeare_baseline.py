@@ -1,0 +1,26 @@
+"""Experiment 1.1 (and 1.2 with --config.causal=True): TokenFlow baseline on tiny_shakespeare.
+
+Variants: `:cpu` trains in minutes on a 2-core CPU with visible learning; `:smoke` runs in
+seconds (tests).
+"""
+
+from discreteflow_jax.presets import apply_variant, tokenflow_defaults
+
+VARIANTS = {
+    "cpu": {
+        "model.dim": 256, "model.num_layers": 4, "model.num_heads": 4, "model.max_len": 64,
+        "data.seq_len": 64, "train.batch_size": 16, "train.grad_accum": 1, "train.num_steps": 1500,
+        "train.lr": 1e-3, "train.warmup_steps": 100, "train.log_every": 25, "train.eval_every": 250,
+        "train.ckpt_every": 250, "train.eval_batches": 4,
+    },
+    "smoke": {
+        "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 16,
+        "data.seq_len": 16, "train.batch_size": 8, "train.grad_accum": 2, "train.num_steps": 6,
+        "train.warmup_steps": 2, "train.log_every": 2, "train.eval_every": 3, "train.ckpt_every": 3,
+        "train.eval_batches": 1, "sample.num_samples": 2, "sample.eval_steps": (1, 4),
+    },
+}
+
+
+def get_config(arg=None):
+    return apply_variant(tokenflow_defaults(), arg, VARIANTS)

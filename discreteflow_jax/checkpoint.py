@@ -1,0 +1,87 @@
+"""Checkpoints with ``orbax.checkpoint.CheckpointManager``.
+
+Each checkpoint step holds two items: ``state`` (step, parameters, optimizer state; sharded
+arrays written by all processes together) and ``meta`` (JSON: the full config, the data
+position, the code version). Saves are asynchronous; old steps are pruned (keep-last-N); orbax
+writes to a temporary folder and renames, so a crash never leaves a half-written "latest" step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+# Config sections whose change makes a checkpoint incompatible (a different model or data).
+# Training-schedule fields (num_steps, eval intervals...) may change on resume.
+IDENTITY_FIELDS = ("task", "model", "data.name", "data.tokenizer", "data.seq_len", "causal")
+
+
+class CheckpointMismatchError(ValueError):
+    """The workdir holds a checkpoint of a different experiment; never overwritten silently."""
+
+
+def manager(workdir: str, keep: int, *, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+    )
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options, item_names=("state", "meta")
+    )
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+    return mngr.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force,
+    )
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores the state onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+    )
+    return restored["state"], restored["meta"]
+
+
+def _lookup(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "<absent>"
+        node = node[part]
+    return node
+
+
+def _flat_diff(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _flat_diff(a.get(key, "<absent>"), b.get(key, "<absent>"), f"{prefix}.{key}")
+        return out
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        a, b = list(a), list(b)
+    return [] if a == b else [f"{prefix}: checkpoint has {a!r}, this run has {b!r}"]
+
+
+def check_compatible(saved_config: dict, config: dict, workdir: str) -> None:
+    diffs: list[str] = []
+    for field in IDENTITY_FIELDS:
+        diffs += _flat_diff(_lookup(saved_config, field), _lookup(config, field), field)
+    if diffs:
+        raise CheckpointMismatchError(
+            f"the workdir {workdir} holds a checkpoint of a different experiment:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse a new --workdir, or run with the same config to resume."
+        )
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

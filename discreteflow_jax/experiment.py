@@ -1,0 +1,76 @@
+"""One call that runs an experiment from a ConfigDict: validate, load data, build the task, train.
+
+Everything that can be wrong with the inputs is checked here, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from discreteflow_jax import checkpoint as ckpt
+from discreteflow_jax import sharding as shd
+from discreteflow_jax.config import ConfigError, ExperimentConfig, parse_config
+from discreteflow_jax.data import DataError, load_tokenizer, make_dataset
+
+log = logging.getLogger("discreteflow_jax")
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError, DataError, shd.ShardingError, ckpt.CheckpointMismatchError,
+)
+
+
+def maybe_initialize_distributed() -> None:
+    """Starts JAX's multi-controller runtime when launched as one of several processes.
+
+    Cloud TPU VMs, SLURM and explicit JAX_COORDINATOR_ADDRESS setups are detected by JAX itself.
+    """
+    multi = any(
+        os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")
+    )
+    if multi and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+        try:
+            jax.distributed.initialize()
+        except RuntimeError as err:  # already initialized (e.g. by a notebook)
+            if "already" not in str(err):
+                raise
+
+
+def prepare(config: ml_collections.ConfigDict, data_dir: str | None = None) -> tuple[ExperimentConfig, Any, Any]:
+    """Validates the config and loads tokenizer and dataset. Returns (cfg, tokenizer, dataset)."""
+    cfg = parse_config(config)
+    if data_dir:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.data_dir or None)
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(
+            f"the {cfg.data.tokenizer} tokenizer has {tokenizer.vocab_size} tokens but "
+            f"config.model.vocab_size={cfg.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}"
+        )
+    d = cfg.data
+    kwargs: dict[str, Any] = {}
+    if d.name == "shakespeare":
+        kwargs["val_fraction"] = d.val_fraction
+    else:
+        kwargs.update(source=d.fineweb_source, subset=d.fineweb_subset, local_path=d.local_path or None,
+                      val_rows=d.val_rows)
+    dataset = make_dataset(
+        d.name, d.seq_len, tokenizer, data_dir=d.data_dir or None, seed=cfg.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(), **kwargs,
+    )
+    return cfg, tokenizer, dataset
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = None) -> dict:
+    from discreteflow_jax.tasks import build_task
+    from discreteflow_jax.train import Trainer
+
+    cfg, tokenizer, dataset = prepare(config, data_dir)
+    task = build_task(cfg)
+    trainer = Trainer(cfg, task, workdir, dataset, tokenizer)
+    return trainer.run()

@@ -1,0 +1,79 @@
+"""Metric output: ``metrics.jsonl`` (always) and TensorBoard event files (via tensorboardX) in
+the workdir, written by process 0 only, plus the console progress line."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # TensorBoard output is optional; metrics.jsonl always exists
+            self._tb = None
+
+    def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, step)
+
+    def write_texts(self, step: int, texts: dict[str, str]) -> None:
+        if self.enabled and self._tb is not None:
+            for k, v in texts.items():
+                self._tb.add_text(k, v, step)
+
+    def write_hparams(self, config: dict) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+
+    def flush(self) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.flush()
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def format_progress(step: int, total: int, metrics: dict[str, float], eta: float | None) -> str:
+    """One console line: step, main losses, lr, throughput, ETA. Bucket losses go on a second line."""
+    main = [f"step {step}/{total}"]
+    buckets = []
+    for key in sorted(metrics):
+        value = metrics[key]
+        short = key.split("/", 1)[-1]
+        if "/loss_t" in key:
+            buckets.append(f"{short[5:]}={value:.3f}")
+        elif short in ("loss", "ppl", "grad_norm"):
+            main.append(f"{key}={value:.4f}")
+        elif short == "lr":
+            main.append(f"lr={value:.2e}")
+        elif short == "tokens_per_s":
+            main.append(f"tok/s={value:,.0f}")
+    if eta is not None:
+        main.append(f"ETA {_fmt_time(eta)}")
+    line = "  ".join(main)
+    if buckets:
+        line += "\n    loss by t-bucket: " + " ".join(buckets)
+    return line

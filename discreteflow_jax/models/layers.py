@@ -1,0 +1,234 @@
+"""Transformer building blocks shared by TokenFlow, LLaMA and GPT-2.
+
+All modules are Flax NNX. Parameters are kept in ``param_dtype`` (fp32 by default) and
+the computation runs in ``dtype`` (fp32 or bf16). Softmaxes inside attention run in fp32.
+
+Parameter names are part of the public contract: the logical-axis rules in
+``discreteflow_jax.sharding`` and the Hugging Face conversion table refer to them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def truncated_normal_init(stddev: float):
+    """Normal(0, stddev²) truncated at ±3 standard deviations (stddev of the untruncated law)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return (stddev * jax.random.truncated_normal(key, -3.0, 3.0, shape, jnp.float32)).astype(dtype)
+
+    return init
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    *,
+    rngs: nnx.Rngs,
+    stddev: float | None = None,
+    use_bias: bool = False,
+    zero_init: bool = False,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+) -> nnx.Linear:
+    """A Linear layer with the documented init: truncated normal, std 1/sqrt(in) unless given."""
+    if zero_init:
+        kernel_init = nnx.initializers.zeros_init()
+    else:
+        kernel_init = truncated_normal_init(stddev if stddev is not None else 1.0 / math.sqrt(in_features))
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        bias_init=nnx.initializers.zeros_init(),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm, computed in fp32. ``use_scale=False`` gives the affine-free
+    variant used before adaLN modulation."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, use_scale: bool = True, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype)) if use_scale else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables of shape positions.shape + (head_dim,), "rotate-half" layout (as HF LLaMA)."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding on the last axis of a [B, T, H, D] tensor."""
+    cos, sin = rope_tables(positions_BT, x_BTHD.shape[-1], theta)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x32 = x_BTHD.astype(jnp.float32)
+    half = x32.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x_BTHD.dtype)
+
+
+class KVCache(NamedTuple):
+    """Keys/values of all positions written so far. ``index`` is the next position to write."""
+
+    k: jax.Array  # [B, S, Hkv, D]
+    v: jax.Array  # [B, S, Hkv, D]
+    index: jax.Array  # scalar int32
+
+    @staticmethod
+    def zeros(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
+        shape = (batch, max_len, num_kv_heads, head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def dot_product_attention(
+    q_BTHD: jax.Array,
+    k_BSKD: jax.Array,
+    v_BSKD: jax.Array,
+    mask_BTS: jax.Array | None,
+) -> jax.Array:
+    """Softmax attention with grouped KV heads; logits and softmax in fp32.
+
+    ``mask_BTS`` is True where a query may attend a key (None: attend everything).
+    """
+    num_heads, num_kv = q_BTHD.shape[2], k_BSKD.shape[2]
+    group = num_heads // num_kv
+    b, t, _, d = q_BTHD.shape
+    q = q_BTHD.reshape(b, t, num_kv, group, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD, preferred_element_type=jnp.float32)
+    logits = logits / math.sqrt(d)
+    if mask_BTS is not None:
+        logits = jnp.where(mask_BTS[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD)
+    return out.reshape(b, t, num_heads, d)
+
+
+class Attention(nnx.Module):
+    """Multi-head (optionally grouped-query) attention with RoPE, causal masking, an optional
+    key padding mask, and an optional KV cache for autoregressive decoding.
+
+    With ``rope_theta=None`` no rotary embedding is applied (GPT-2, cross-attention).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        rngs: nnx.Rngs,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        kv_dim: int | None = None,
+        rope_theta: float | None = 10000.0,
+        use_bias: bool = False,
+        init_std: float | None = None,
+        out_init_std: float | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = head_dim or dim // num_heads
+        self.rope_theta = rope_theta
+        kv_dim = kv_dim or dim
+        kw = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = linear(dim, num_heads * self.head_dim, stddev=init_std, **kw)
+        self.k_proj = linear(kv_dim, self.num_kv_heads * self.head_dim, stddev=init_std, **kw)
+        self.v_proj = linear(kv_dim, self.num_kv_heads * self.head_dim, stddev=init_std, **kw)
+        self.o_proj = linear(num_heads * self.head_dim, dim, stddev=out_init_std, **kw)
+
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        *,
+        causal: bool = False,
+        positions_BT: jax.Array | None = None,
+        key_mask_BS: jax.Array | None = None,
+        context_BSE: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        b, t, _ = x_BTD.shape
+        source = x_BTD if context_BSE is None else context_BSE
+        q = self.q_proj(x_BTD).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(source).reshape(b, source.shape[1], self.num_kv_heads, self.head_dim)
+        v = self.v_proj(source).reshape(b, source.shape[1], self.num_kv_heads, self.head_dim)
+
+        offset = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if self.rope_theta is not None and context_BSE is None:
+            q = apply_rope(q, positions_BT, self.rope_theta)
+            k = apply_rope(k, positions_BT, self.rope_theta)
+
+        new_cache = None
+        if cache is not None:
+            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, offset, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, offset, 0, 0))
+            new_cache = KVCache(k_all, v_all, offset + t)
+            k, v = k_all, v_all
+            key_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
+            query_pos = offset + jnp.arange(t, dtype=jnp.int32)
+            mask = key_pos[None, :] <= query_pos[:, None]  # written and not in the future
+            mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))
+        elif causal and context_BSE is None:
+            mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+        else:
+            mask = None
+        if key_mask_BS is not None:
+            key_mask = key_mask_BS[:, None, :]
+            mask = key_mask if mask is None else mask & key_mask
+
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
+
+
+class SwiGLU(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        rngs: nnx.Rngs,
+        init_std: float | None = None,
+        out_init_std: float | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = linear(dim, hidden, stddev=init_std, **kw)
+        self.up_proj = linear(dim, hidden, stddev=init_std, **kw)
+        self.down_proj = linear(hidden, dim, stddev=out_init_std, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
+    """Standard SwiGLU width: 8/3·dim rounded up to a multiple of ``multiple_of``."""
+    hidden = int(8 * dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)

@@ -1,0 +1,217 @@
+"""TokenFlow: a transformer that reads noisy token embeddings x_t and time t and predicts the
+clean token at every position (SPEC §3).
+
+Design choices (documented because they differ from, or pin down, the original):
+
+* **Normalized embedding in the forward pass.** The raw parameter ``embedding`` is free; the
+  model always uses ``E_v = embedding_v / ‖embedding_v‖ · embed_scale·sqrt(d)``. Every row then
+  has the same norm, so the singular-logit identity below is exact and no re-normalization step
+  after the optimizer is needed.
+* **Singular logits fused into one matmul.** The analytic log-posterior of the clean token,
+  ``s_v = −‖x_t − t·e_v‖² / (2σ²(1−t)² + ε²)``, differs from ``c(t)·⟨x_t, e_v⟩`` with
+  ``c(t) = 2t / (2σ²(1−t)² + ε²)`` only by terms that are constant over v, which cancel in every
+  softmax and cross-entropy. With tied output weights the logits are therefore
+  ``(h + c(t)·x_t) · Eᵀ``: one V-wide matmul instead of two. ``fused_singular=False`` keeps the
+  reference two-term form (log-softmaxed singular logits added to the network logits).
+* **Init (applied, not just documented).** Every linear kernel and the embedding: truncated
+  normal (±3σ) with std 1/sqrt(fan_in); the output projections of block l (attention ``o_proj``
+  and FFN ``down_proj``) use std 1/sqrt(2·d·(l+1)); adaLN modulation layers start at zero so
+  every block starts as the identity map (as in DiT).
+* **Input scaling.** x_t has per-coordinate scale embed_scale; it enters the residual stream
+  multiplied by 1/embed_scale so activations are O(1) regardless of the embedding scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from discreteflow_jax.models.layers import Attention, RMSNorm, SwiGLU, linear, swiglu_hidden, truncated_normal_init
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenFlowConfig:
+    vocab_size: int = 32000
+    dim: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    ffn_hidden: int = 0  # 0: standard SwiGLU width (8/3·dim rounded up to a multiple of 64)
+    max_len: int = 128
+    causal: bool = False
+    tie_embeddings: bool = True
+    embed_scale: float = 0.0  # 0: 1/sqrt(dim), i.e. unit-norm embedding rows
+    noise_scale: float = 0.0  # σ of the Gaussian source x0 per coordinate; 0: equal to embed_scale
+    singular_logits: bool = True
+    singular_eps: float = 1e-3
+    fused_singular: bool = True
+    time_features: int = 256
+    rope_theta: float = 10000.0
+    cross_attention: bool = False  # create cross-attention sub-layers (Gumbel "cross_attention")
+    context_dim: int = 0  # width of the cross-attention context; 0: dim
+    dtype: str = "float32"  # activation dtype; parameters and logits stay fp32
+    remat: str = "none"
+
+    @property
+    def ffn_width(self) -> int:
+        return self.ffn_hidden or swiglu_hidden(self.dim)
+
+    @property
+    def embed_scale_value(self) -> float:
+        return self.embed_scale or 1.0 / math.sqrt(self.dim)
+
+    @property
+    def row_norm(self) -> float:
+        return self.embed_scale_value * math.sqrt(self.dim)
+
+    @property
+    def sigma(self) -> float:
+        return self.noise_scale or self.embed_scale_value
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+
+def timestep_features(t_B: jax.Array, num_features: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal features of 1000·t (fp32), [B, num_features]."""
+    half = num_features // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles = 1000.0 * t_B.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def singular_coefficient(t_B: jax.Array, sigma: float, eps: float) -> jax.Array:
+    """c(t) = 2t / (2σ²(1−t)² + ε²): the weight of ⟨x_t, e_v⟩ in the analytic log-posterior."""
+    t = t_B.astype(jnp.float32)
+    return 2.0 * t / (2.0 * sigma**2 * (1.0 - t) ** 2 + eps**2)
+
+
+class TimeEmbedding(nnx.Module):
+    def __init__(self, num_features: int, dim: int, *, rngs: nnx.Rngs):
+        self.num_features = num_features
+        self.fc1 = linear(num_features, dim, rngs=rngs, use_bias=True)
+        self.fc2 = linear(dim, dim, rngs=rngs, use_bias=True)
+
+    def __call__(self, t_B: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.silu(self.fc1(timestep_features(t_B, self.num_features))))
+
+
+class FlowBlock(nnx.Module):
+    """adaLN block: h = x + Attn((1+scale)·norm(x) + shift); out = h + gate·SwiGLU(norm(h)).
+
+    With cross-attention, a sub-layer h += CrossAttn((1+scale)·norm(h) + shift, context) sits
+    between the two (same modulation)."""
+
+    def __init__(self, cfg: TokenFlowConfig, layer: int, *, rngs: nnx.Rngs):
+        d, dtype = cfg.dim, cfg.compute_dtype
+        out_std = 1.0 / math.sqrt(2.0 * d * (layer + 1))
+        self.modulation = linear(d, 3 * d, rngs=rngs, use_bias=True, zero_init=True)
+        self.attn_norm = RMSNorm(d, use_scale=False)
+        self.attn = Attention(d, cfg.num_heads, rngs=rngs, rope_theta=cfg.rope_theta, out_init_std=out_std, dtype=dtype)
+        if cfg.cross_attention:
+            self.cross_norm = RMSNorm(d, use_scale=False)
+            self.cross_attn = Attention(
+                d, cfg.num_heads, rngs=rngs, kv_dim=cfg.context_dim or d, rope_theta=None,
+                out_init_std=out_std, dtype=dtype,
+            )
+        else:
+            self.cross_norm = None
+            self.cross_attn = None
+        self.mlp_norm = RMSNorm(d, use_scale=False)
+        self.mlp = SwiGLU(d, cfg.ffn_width, rngs=rngs, out_init_std=out_std, dtype=dtype)
+
+    def __call__(self, x: jax.Array, cond_BD: jax.Array, causal: bool, context: jax.Array | None) -> jax.Array:
+        shift, scale, gate = jnp.split(self.modulation(jax.nn.silu(cond_BD))[:, None, :].astype(x.dtype), 3, axis=-1)
+        h = x + self.attn((1 + scale) * self.attn_norm(x) + shift, causal=causal)[0]
+        if self.cross_attn is not None:
+            if context is None:
+                raise ValueError("this TokenFlow has cross-attention layers; pass a context sequence")
+            h = h + self.cross_attn((1 + scale) * self.cross_norm(h) + shift, context_BSE=context)[0]
+        return h + gate * self.mlp(self.mlp_norm(h))
+
+
+class TokenFlow(nnx.Module):
+    def __init__(self, cfg: TokenFlowConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = cfg.dim
+        self.embedding = nnx.Param(truncated_normal_init(1.0 / math.sqrt(d))(rngs.params(), (cfg.vocab_size, d)))
+        self.time_embed = TimeEmbedding(cfg.time_features, d, rngs=rngs)
+        self.blocks = nnx.List([FlowBlock(cfg, layer, rngs=rngs) for layer in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(d)
+        self.lm_head = None if cfg.tie_embeddings else linear(d, cfg.vocab_size, rngs=rngs)
+
+    # -- embeddings -------------------------------------------------------------------------
+    def embeddings(self) -> jax.Array:
+        """The normalized embedding matrix E [V, d] (fp32); every row has norm embed_scale·sqrt(d)."""
+        raw = self.embedding[...].astype(jnp.float32)
+        return raw * (self.cfg.row_norm * jax.lax.rsqrt(jnp.sum(raw * raw, axis=-1, keepdims=True) + 1e-12))
+
+    def embed(self, tokens_BT: jax.Array) -> jax.Array:
+        return jnp.take(self.embeddings(), tokens_BT, axis=0)
+
+    # -- network ----------------------------------------------------------------------------
+    def hidden(self, x_t: jax.Array, t_B: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states [B, T, d] in the compute dtype."""
+        cfg = self.cfg
+        cond = self.time_embed(t_B)
+        x = (x_t / cfg.embed_scale_value).astype(cfg.compute_dtype)
+        if context is not None:
+            context = context.astype(cfg.compute_dtype)
+
+        def run_block(block: FlowBlock, x: jax.Array, cond: jax.Array, context: jax.Array | None) -> jax.Array:
+            return block(x, cond, cfg.causal, context)
+
+        if cfg.remat != "none":
+            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "save_dots" else None
+            run_block = nnx.remat(run_block, policy=policy)
+        for block in self.blocks:
+            x = run_block(block, x, cond, context)
+        return self.final_norm(x)
+
+    def __call__(self, x_t: jax.Array, t_B: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, V] in fp32 (network logits plus the singular term when enabled)."""
+        h = self.hidden(x_t, t_B, context).astype(jnp.float32)
+        return self.output_logits(h, x_t, t_B)
+
+    def output_logits(self, h_BTD: jax.Array, x_t: jax.Array, t_B: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        emb = self.embeddings()
+        x32 = x_t.astype(jnp.float32)
+        if not cfg.singular_logits:
+            return self._network_logits(h_BTD, emb)
+        if cfg.fused_singular:
+            coeff = singular_coefficient(t_B, cfg.sigma, cfg.singular_eps)[:, None, None]
+            if self.lm_head is None:
+                return jnp.einsum("btd,vd->btv", h_BTD + coeff * x32, emb)
+            return self._network_logits(h_BTD, emb) + jnp.einsum("btd,vd->btv", coeff * x32, emb)
+        return self._network_logits(h_BTD, emb) + singular_logits(x32, t_B, emb, cfg.sigma, cfg.singular_eps)
+
+    def _network_logits(self, h_BTD: jax.Array, emb: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            return jnp.einsum("btd,vd->btv", h_BTD, emb)
+        kernel = self.lm_head.kernel[...].astype(jnp.float32)
+        return jnp.einsum("btd,dv->btv", h_BTD, kernel)
+
+
+def singular_logits(x_t: jax.Array, t_B: jax.Array, emb_VD: jax.Array, sigma: float, eps: float) -> jax.Array:
+    """Reference form: log_softmax_v( −‖x_t − t·e_v‖² / (2σ²(1−t)² + ε²) ), [B, T, V] fp32.
+
+    Expanded as ‖x‖² − 2t⟨x, e_v⟩ + t²‖e_v‖² so no [B, T, V, d] tensor is formed. At t = 1 the
+    denominator is ε² > 0, so the result stays finite.
+    """
+    t = t_B.astype(jnp.float32)[:, None, None]
+    x = x_t.astype(jnp.float32)
+    denom = 2.0 * sigma**2 * (1.0 - t) ** 2 + eps**2
+    sq_dist = (
+        jnp.sum(x * x, axis=-1, keepdims=True)
+        - 2.0 * t * jnp.einsum("btd,vd->btv", x, emb_VD)
+        + t**2 * jnp.sum(emb_VD * emb_VD, axis=-1)[None, None, :]
+    )
+    return jax.nn.log_softmax(-sq_dist / denom, axis=-1)

@@ -1,0 +1,97 @@
+"""Shared building blocks for the files in ``configs/``: every field with a comment."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def tokenflow_defaults() -> ml_collections.ConfigDict:
+    """Experiment 1.1 (TokenFlow baseline on tiny_shakespeare); other configs override fields."""
+    c = ml_collections.ConfigDict()
+    c.task = "tokenflow"  # tokenflow | teacher | gumbel
+    c.seed = 0  # every random stream (init, data order, noise) derives from this
+    c.causal = False  # causal attention in the TokenFlow (experiment 1.2 / 3.x causal variants)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "shakespeare"  # shakespeare | fineweb
+    c.data.tokenizer = "llama"  # llama (32000 pieces) | gpt2 (50257)
+    c.data.seq_len = 128  # tokens per training window
+    c.data.data_dir = ""  # offline data folder; empty: $DISCRETEFLOW_DATA_DIR, else online sources
+    c.data.val_fraction = 0.1  # Shakespeare: last 10% of the tokens are validation
+    c.data.fineweb_source = "HuggingFaceFW/fineweb"  # Hub dataset streamed for FineWeb runs
+    c.data.fineweb_subset = "sample-10BT"  # its configuration name
+    c.data.local_path = ""  # FineWeb offline: a parquet/jsonl file or folder with a `text` column
+    c.data.val_rows = 256  # FineWeb: packed rows per process held out for validation
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 32000  # must equal the tokenizer's vocabulary
+    c.model.dim = 512  # residual width d
+    c.model.num_layers = 8  # transformer blocks
+    c.model.num_heads = 8  # attention heads (dim must divide, head size even for RoPE)
+    c.model.ffn_hidden = 0  # SwiGLU width; 0 = 8/3·dim rounded to 64; set = dim for the original
+    c.model.max_len = 128  # longest sequence the model accepts (>= data.seq_len)
+    c.model.tie_embeddings = True  # output logits through the (normalized) embedding matrix
+    c.model.embed_scale = 0.0  # embedding row norm / sqrt(dim); 0 = 1/sqrt(dim) (unit rows)
+    c.model.noise_scale = 0.0  # σ of the Gaussian source per coordinate; 0 = embed_scale
+    c.model.singular_logits = True  # add the analytic log-posterior of the clean token
+    c.model.singular_eps = 1e-3  # ε in 2σ²(1−t)²+ε², keeps the singular term finite at t=1
+    c.model.fused_singular = True  # fold the singular term into the output matmul (exact, 1/3 fewer FLOPs)
+    c.model.time_features = 256  # sinusoidal features of 1000·t
+    c.model.rope_theta = 10000.0  # RoPE base
+    c.model.cross_attention = False  # cross-attention sub-layers (only Gumbel "cross_attention" needs them)
+    c.model.context_dim = 0  # cross-attention context width; 0 = dim
+    c.model.dtype = "float32"  # activation dtype: float32 | bfloat16 (params, logits, losses stay fp32)
+    c.model.remat = "none"  # none | full | save_dots: recompute block activations in the backward pass
+
+    c.flow = ml_collections.ConfigDict()
+    c.flow.time_sampler = "uniform"  # uniform (original) | power (u**p, more small t) | logit_normal
+    c.flow.time_param = 1.0  # p for power, std for logit_normal
+    c.flow.num_buckets = 10  # equal t-buckets for the per-bucket validation loss
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.steps = 16  # default number of flow steps K
+    c.sample.schedule = "uniform"  # time grid: uniform | cosine | power
+    c.sample.schedule_param = 2.0  # exponent of the power grid
+    c.sample.num_samples = 4  # samples printed/saved at each evaluation
+    c.sample.temperature = 1.0  # divides the logits inside the sampler (1 = posterior mean)
+    c.sample.eval_steps = (8, 128)  # K values sampled at each evaluation
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 64  # global batch (sequences per optimizer step)
+    c.train.grad_accum = 2  # micro-batches per step, accumulated inside the jitted step
+    c.train.num_steps = 10000  # optimizer steps
+    c.train.lr = 4e-4  # peak learning rate
+    c.train.warmup_steps = 1000  # linear warm-up, then cosine decay
+    c.train.min_lr_ratio = 0.0  # final lr as a fraction of the peak
+    c.train.b1 = 0.9  # AdamW β1
+    c.train.b2 = 0.98  # AdamW β2
+    c.train.weight_decay = 0.02  # AdamW decay on matrices (not on norms, biases or the embedding)
+    c.train.grad_clip = 1.0  # global-norm clipping
+    c.train.log_every = 50  # console/metrics line every N steps
+    c.train.eval_every = 500  # validation loss and samples every N steps
+    c.train.eval_batches = 8  # validation batches per evaluation
+    c.train.ckpt_every = 500  # checkpoint every N steps (and at the end)
+    c.train.keep_checkpoints = 3  # keep the newest N checkpoints
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel axis size; -1 = all remaining devices
+    c.mesh.fsdp = 1  # parameter/optimizer-state sharding axis size
+    c.mesh.tensor = 1  # tensor-parallel axis size
+    return c
+
+
+def apply_variant(
+    c: ml_collections.ConfigDict, arg: str | None, variants: dict[str, dict]
+) -> ml_collections.ConfigDict:
+    """Applies a named variant given as {'section.field': value}. Unknown names list the valid ones."""
+    if not arg:
+        return c
+    if arg not in variants:
+        raise ValueError(f"unknown config variant {arg!r}; valid variants: {', '.join(sorted(variants))}")
+    for dotted, value in variants[arg].items():
+        node = c
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c

@@ -1,0 +1,86 @@
+"""Task definitions plugged into the generic trainer: which model, loss, eval and sampler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from discreteflow_jax import flow
+from discreteflow_jax.config import ExperimentConfig
+from discreteflow_jax.models.tokenflow import TokenFlow
+from discreteflow_jax.train import Task
+
+
+def bucket_edges(num_buckets: int) -> list[str]:
+    return [f"{i / num_buckets:.1f}-{(i + 1) / num_buckets:.1f}" for i in range(num_buckets)]
+
+
+def summarize_flow(sums: dict, prefix: str, num_buckets: int) -> dict[str, float]:
+    """Turns summed metrics into the mean loss and the loss per t-bucket."""
+    out = {f"{prefix}/loss": float(sums["loss_sum"]) / max(float(sums["tokens"]), 1.0)}
+    loss_b = np.asarray(sums["bucket_loss_sum"])
+    tok_b = np.asarray(sums["bucket_tokens"])
+    for name, l_sum, n in zip(bucket_edges(num_buckets), loss_b, tok_b):
+        if n > 0:
+            out[f"{prefix}/loss_t{name}"] = float(l_sum / n)
+    return out
+
+
+def stratified_times(key: jax.Array, batch: int) -> jax.Array:
+    """One t per sequence spread evenly over [0, 1): every t-bucket is covered in validation."""
+    return (jnp.arange(batch, dtype=jnp.float32) + jax.random.uniform(key, (batch,))) / batch
+
+
+def tokenflow_task(cfg: ExperimentConfig) -> Task:
+    fc = cfg.flow
+
+    def create_model(rngs: nnx.Rngs) -> TokenFlow:
+        return TokenFlow(cfg.model, rngs=rngs)
+
+    def loss_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):
+        mask = jnp.ones(tokens.shape, jnp.float32)
+        return flow.flow_loss(
+            model, tokens, mask, key, time_sampler=fc.time_sampler, time_param=fc.time_param,
+            num_buckets=fc.num_buckets,
+        )
+
+    def eval_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):
+        mask = jnp.ones(tokens.shape, jnp.float32)
+        t = stratified_times(jax.random.fold_in(key, 1), tokens.shape[0])
+        return flow.flow_loss(model, tokens, mask, key, num_buckets=fc.num_buckets, t_B=t)[1]
+
+    sample_cache: dict[int, Any] = {}
+
+    def sample_fn(graphdef: Any, params: Any, aux: Any, key: jax.Array, steps: int) -> jax.Array:
+        if steps not in sample_cache:
+            grid = flow.time_grid(steps, cfg.sample.schedule, cfg.sample.schedule_param)
+
+            def run(params, key):
+                model = nnx.merge(graphdef, params)
+                x0 = flow.gaussian_source(key, cfg.sample.num_samples, cfg.data.seq_len, model)
+                return flow.sample_flow(model, x0, grid, temperature=cfg.sample.temperature)[0]
+
+            sample_cache[steps] = jax.jit(run)
+        return sample_cache[steps](params, key)
+
+    return Task(
+        name="tokenflow",
+        create_model=create_model,
+        loss_fn=loss_fn,
+        eval_fn=eval_fn,
+        summarize=lambda sums, prefix: summarize_flow(sums, prefix, fc.num_buckets),
+        sample_fn=sample_fn,
+    )
+
+
+TASK_BUILDERS = {"tokenflow": tokenflow_task}
+
+
+def build_task(cfg: ExperimentConfig, **kwargs: Any) -> Task:
+    if cfg.task not in TASK_BUILDERS:
+        raise ValueError(f"task {cfg.task!r} is not available; valid tasks: {', '.join(sorted(TASK_BUILDERS))}")
+    return TASK_BUILDERS[cfg.task](cfg, **kwargs)

@@ -1,0 +1,316 @@
+"""Train state, the jitted train/eval steps, and the training loop shared by every task.
+
+The whole train step (micro-batch loop, loss, gradients, clipping, AdamW update, metrics) is
+one ``jax.jit`` program with explicit shardings and a donated state. Task-specific parts (which
+model, which loss, what to sample) come from a ``Task`` (see ``discreteflow_jax.tasks``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from discreteflow_jax import checkpoint as ckpt
+from discreteflow_jax import sharding as shd
+from discreteflow_jax.config import ExperimentConfig, TrainConfig
+from discreteflow_jax.metrics import MetricWriter, format_progress
+
+log = logging.getLogger("discreteflow_jax")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/Inf; the last good checkpoint is left intact."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass
+class Task:
+    """What differs between TokenFlow, teacher and Gumbel training.
+
+    create_model(rngs) builds the trainable module. loss_fn(model, aux, tokens, key) returns
+    (loss, metric sums) and eval_fn(model, aux, tokens, key) the metric sums for validation.
+    aux holds frozen inputs (a teacher's parameters), passed to the step but never updated.
+    sample_fn(graphdef, params, aux, key, steps) returns decoded token arrays; summarize(sums)
+    turns summed metrics into the numbers to log.
+    """
+
+    name: str
+    create_model: Callable[[nnx.Rngs], nnx.Module]
+    loss_fn: Callable[..., tuple[jax.Array, dict]]
+    eval_fn: Callable[..., dict]
+    summarize: Callable[[dict, str], dict]
+    sample_fn: Callable[..., jax.Array] | None = None
+    aux: Any = None
+    aux_shardings: Any = None
+
+
+def lr_schedule(train: TrainConfig) -> optax.Schedule:
+    decay_steps = max(train.num_steps - train.warmup_steps, 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train.lr, warmup_steps=max(train.warmup_steps, 1),
+        decay_steps=decay_steps + max(train.warmup_steps, 1), end_value=train.lr * train.min_lr_ratio,
+    )
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on matrices only: not on norms, biases or the (normalized) embedding."""
+
+    def keep(path, leaf):
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        return leaf.ndim >= 2 and "embedding" not in name
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
+    parts = []
+    if train.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(train.grad_clip))
+    parts.append(
+        optax.adamw(lr_schedule(train), b1=train.b1, b2=train.b2, weight_decay=train.weight_decay, mask=_decay_mask)
+    )
+    return optax.chain(*parts)
+
+
+def _split_micro(tokens_BT: jax.Array, accum: int) -> jax.Array:
+    """[B, T] -> [accum, B/accum, T] keeping each device's rows on that device (row r = m·accum + a)."""
+    b, t = tokens_BT.shape
+    return tokens_BT.reshape(b // accum, accum, t).transpose(1, 0, 2)
+
+
+def build_train_step(task: Task, graphdef: Any, tx: optax.GradientTransformation, accum: int) -> Callable:
+    def step_fn(state: TrainState, aux: Any, tokens_BT: jax.Array, base_key: jax.Array):
+        key = jax.random.fold_in(base_key, state.step)
+        micro = _split_micro(tokens_BT, accum)
+
+        def loss_of(params, tokens, k):
+            return task.loss_fn(nnx.merge(graphdef, params), aux, tokens, k)
+
+        def accumulate(carry, xs):
+            grads_acc, sums_acc = carry
+            tokens, i = xs
+            grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+            (_, sums), grads = grad_fn(state.params, tokens, jax.random.fold_in(key, i))
+            return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
+
+        zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+        zero_sums = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            jax.eval_shape(lambda: loss_of(state.params, micro[0], key)[1]),
+        )
+        (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (micro, jnp.arange(accum)))
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        loss = sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step leaves the state untouched; the host stops the run at its next check.
+        new_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            TrainState(state.step + 1, params, opt_state),
+            TrainState(state.step + 1, state.params, state.opt_state),
+        )
+        metrics = dict(sums, grad_norm=grad_norm, finite=finite)
+        return new_state, metrics
+
+    return step_fn
+
+
+def build_eval_step(task: Task, graphdef: Any) -> Callable:
+    def eval_fn(params, aux, tokens_BT, key):
+        return task.eval_fn(nnx.merge(graphdef, params), aux, tokens_BT, key)
+
+    return eval_fn
+
+
+class Trainer:
+    """Owns the mesh, the jitted programs, the checkpoint manager and the loop."""
+
+    def __init__(self, cfg: ExperimentConfig, task: Task, workdir: str, dataset: Any, tokenizer: Any):
+        self.cfg, self.task, self.workdir = cfg, task, workdir
+        self.dataset, self.tokenizer = dataset, tokenizer
+        self.mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        shd.check_batch(cfg.train.batch_size, cfg.train.grad_accum, self.mesh)
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.local_batch = cfg.train.batch_size // self.process_count
+        self.tx = make_optimizer(cfg.train)
+
+        abstract_model = nnx.eval_shape(lambda: task.create_model(nnx.Rngs(cfg.seed)))
+        self.graphdef, abstract_params = nnx.split(abstract_model)
+        abstract_params = nnx.to_pure_dict(abstract_params)
+        abstract_state = jax.eval_shape(
+            lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)), abstract_params
+        )
+        self.state_shardings = TrainState(
+            step=shd.replicated(self.mesh),
+            params=shd.tree_shardings(abstract_state.params, self.mesh),
+            opt_state=shd.tree_shardings(abstract_state.opt_state, self.mesh),
+        )
+        self.abstract_state = ckpt.abstract_like(abstract_state, self.state_shardings)
+        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+
+        batch_sh = shd.batch_sharding(self.mesh)
+        rep = shd.replicated(self.mesh)
+        aux_sh = task.aux_shardings if task.aux is not None else None
+        self.train_step = jax.jit(
+            build_train_step(task, self.graphdef, self.tx, cfg.train.grad_accum),
+            in_shardings=(self.state_shardings, aux_sh, batch_sh, rep),
+            out_shardings=(self.state_shardings, rep),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(
+            build_eval_step(task, self.graphdef),
+            in_shardings=(self.state_shardings.params, aux_sh, batch_sh, rep), out_shardings=rep,
+        )
+        self.base_key = jax.random.key(cfg.seed)
+        self.writer = MetricWriter(workdir, enabled=self.process_index == 0)
+        self.ckpt = ckpt.manager(workdir, cfg.train.keep_checkpoints)
+
+    # -- state -----------------------------------------------------------------------------
+    def init_state(self) -> TrainState:
+        def init():
+            model = self.task.create_model(nnx.Rngs(self.cfg.seed))
+            params = nnx.to_pure_dict(nnx.state(model))
+            return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+
+        return jax.jit(init, out_shardings=self.state_shardings)()
+
+    def restore_or_init(self) -> TrainState:
+        latest = self.ckpt.latest_step()
+        if latest is None:
+            return self.init_state()
+        meta = ckpt.read_meta(self.ckpt, latest)
+        ckpt.check_compatible(meta.get("config", {}), self.cfg.raw, self.workdir)
+        state, meta = ckpt.restore(self.ckpt, latest, self.abstract_state)
+        if "data_state" in meta and hasattr(self.dataset, "restore"):
+            self.dataset.restore(meta["data_state"])
+        log.info("resumed from %s at step %d", self.ckpt.directory, latest)
+        return state
+
+    def save(self, state: TrainState, *, force: bool = False) -> None:
+        step = int(jax.device_get(state.step))
+        meta = {"config": self.cfg.raw, "step": step, "data_state": self._data_state()}
+        ckpt.save(self.ckpt, step, state, meta, force=force)
+
+    def _data_state(self) -> dict:
+        return self.dataset.state() if hasattr(self.dataset, "state") else {}
+
+    # -- evaluation --------------------------------------------------------------------------
+    def evaluate(self, params: Any) -> dict:
+        batches = self.dataset.val_batches(self.local_batch, self.cfg.train.eval_batches)
+        eval_key = jax.random.fold_in(jax.random.key(self.cfg.seed), 0x5EED)
+        sums = None
+        for i, local in enumerate(batches):
+            tokens = shd.global_batch_from_local(np.asarray(local, np.int32), self.mesh)
+            out = self.eval_step(params, self.task.aux, tokens, jax.random.fold_in(eval_key, i))
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        return self.task.summarize(jax.device_get(sums), "val") if sums is not None else {}
+
+    def samples(self, params: Any, step: int) -> dict[int, list[str]]:
+        if self.task.sample_fn is None:
+            return {}
+        texts: dict[int, list[str]] = {}
+        key = jax.random.fold_in(jax.random.key(self.cfg.seed), 0xC0DE)
+        for k in self.cfg.sample.eval_steps:
+            tokens = np.asarray(jax.device_get(self.task.sample_fn(self.graphdef, params, self.task.aux, key, k)))
+            texts[k] = [self.tokenizer.decode_until_eos(row.tolist()) for row in tokens]
+        if self.process_index == 0:
+            path = os.path.join(self.workdir, "samples", f"step_{step:07d}.txt")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                for k, rows in texts.items():
+                    for j, text in enumerate(rows):
+                        f.write(f"=== step {step} K={k} sample {j} ===\n{text}\n\n")
+        return texts
+
+    # -- loop ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        state = self.restore_or_init()
+        start = int(jax.device_get(state.step))
+        if start == 0:
+            self.writer.write_hparams(cfg.raw)
+        log.info(
+            "task=%s params=%.2fM mesh=%s devices=%d processes=%d steps %d->%d",
+            self.task.name, self.num_params / 1e6, dict(self.mesh.shape), jax.device_count(),
+            self.process_count, start, cfg.train.num_steps,
+        )
+        pending: list[tuple[int, dict]] = []
+        last_metrics: dict = {}
+        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        t_window, steps_in_window = time.time(), 0
+        t_start = time.time()
+        for step in range(start, cfg.train.num_steps):
+            local = np.asarray(self.dataset.train_batch(step, self.local_batch), np.int32)
+            tokens = shd.global_batch_from_local(local, self.mesh)
+            state, metrics = self.train_step(state, self.task.aux, tokens, self.base_key)
+            pending.append((step + 1, metrics))
+            steps_in_window += 1
+            done = step + 1
+            is_last = done == cfg.train.num_steps
+            if done % cfg.train.log_every == 0 or is_last or done % cfg.train.ckpt_every == 0:
+                last_metrics = self._drain(pending)
+                elapsed = time.time() - t_window
+                speed = steps_in_window / max(elapsed, 1e-9)
+                last_metrics.update(
+                    {"train/steps_per_s": speed, "train/tokens_per_s": speed * tokens_per_step,
+                     "train/lr": float(lr_schedule(cfg.train)(done - 1))}
+                )
+                self.writer.write_scalars(done, last_metrics)
+                eta = (cfg.train.num_steps - done) / max(speed, 1e-9)
+                if self.process_index == 0:
+                    print(format_progress(done, cfg.train.num_steps, last_metrics, eta), flush=True)
+                t_window, steps_in_window = time.time(), 0
+            if done % cfg.train.eval_every == 0 or is_last:
+                self._eval_and_sample(state, done)
+                t_window, steps_in_window = time.time(), 0
+            if done % cfg.train.ckpt_every == 0 or is_last:
+                self.save(state, force=is_last)
+        self.ckpt.wait_until_finished()
+        self.writer.flush()
+        log.info("finished %d steps in %.1fs", cfg.train.num_steps - start, time.time() - t_start)
+        return {"state": state, "metrics": last_metrics}
+
+    def _drain(self, pending: list[tuple[int, dict]]) -> dict:
+        fetched = jax.device_get([m for _, m in pending])
+        for (step, _), m in zip(pending, fetched):
+            if not bool(m["finite"]):
+                latest = self.ckpt.latest_step()
+                raise TrainingDivergedError(
+                    f"non-finite loss or gradient at step {step}; training stopped. The last good checkpoint "
+                    f"(step {latest}) in {self.workdir} is intact. Try a lower --config.train.lr, "
+                    f"--config.train.grad_clip=1.0 or --config.model.dtype=float32."
+                )
+        pending.clear()
+        out = self.task.summarize(fetched[-1], "train")
+        out["train/grad_norm"] = float(fetched[-1]["grad_norm"])
+        return out
+
+    def _eval_and_sample(self, state: TrainState, step: int) -> None:
+        val = self.evaluate(state.params)
+        self.writer.write_scalars(step, val)
+        texts = self.samples(state.params, step)
+        if self.process_index == 0:
+            print(format_progress(step, self.cfg.train.num_steps, val, None), flush=True)
+            for k, rows in texts.items():
+                for j, text in enumerate(rows[:2]):
+                    print(f"--- sample K={k} #{j} ---\n{text.strip()[:600]}", flush=True)
+            self.writer.write_texts(step, {f"samples/K{k}": "\n\n---\n\n".join(rows) for k, rows in texts.items()})
