@@ -98,7 +98,7 @@ def _split_micro(tokens_BT: jax.Array, accum: int) -> jax.Array:
 def build_train_step(task: Task, graphdef: Any, tx: optax.GradientTransformation, accum: int) -> Callable:
     def step_fn(state: TrainState, aux: Any, tokens_BT: jax.Array, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
-        micro = _split_micro(tokens_BT, accum)
+        micro = _split_micro(tokens_BT, accum) if accum > 1 else None
 
         def loss_of(params, tokens, k):
             return task.loss_fn(nnx.merge(graphdef, params), aux, tokens, k)
@@ -110,24 +110,24 @@ def build_train_step(task: Task, graphdef: Any, tx: optax.GradientTransformation
             (_, sums), grads = grad_fn(state.params, tokens, jax.random.fold_in(key, i))
             return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
 
-        zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-        zero_sums = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype),
-            jax.eval_shape(lambda: loss_of(state.params, micro[0], key)[1]),
-        )
-        (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (micro, jnp.arange(accum)))
-        grads = jax.tree.map(lambda g: g / accum, grads)
+        if accum == 1:  # no accumulation buffers at all
+            (_, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params, tokens_BT, key)
+        else:
+            zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+            zero_sums = jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype),
+                jax.eval_shape(lambda: loss_of(state.params, micro[0], key)[1]),
+            )
+            (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (micro, jnp.arange(accum)))
+            grads = jax.tree.map(lambda g: g / accum, grads)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss = sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0)
+        # No in-step rollback (it would keep a second copy of the state alive): the host checks
+        # `finite` before every checkpoint and stops the run, so the last good checkpoint stays intact.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step leaves the state untouched; the host stops the run at its next check.
-        new_state = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old),
-            TrainState(state.step + 1, params, opt_state),
-            TrainState(state.step + 1, state.params, state.opt_state),
-        )
+        new_state = TrainState(state.step + 1, params, opt_state)
         metrics = dict(sums, grad_norm=grad_norm, finite=finite)
         return new_state, metrics
 

@@ -1,0 +1,107 @@
+"""Train-step cost of a config: step time, tokens/s, compiled memory and FLOPs. JSON to stdout.
+
+    python benchmarks/step_time.py --config=configs/shakespeare_baseline.py \
+        --config.train.batch_size=8 --config.train.grad_accum=1 [--steps=5] [--out=FILE]
+
+Random tokens (no data folder needed); the step is exactly the one training runs. Memory and
+FLOPs come from XLA (``compiled.memory_analysis()`` / ``cost_analysis()``), so they can also be
+read for shapes too large to run here (``--steps=0``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from discreteflow_jax import sharding as shd
+from discreteflow_jax.config import parse_config
+from discreteflow_jax.tasks import build_task
+from discreteflow_jax.train import Trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step (0: compile only).")
+_OUT = flags.DEFINE_string("out", None, "Also write the JSON here.")
+
+
+class RandomTokens:
+    def __init__(self, vocab: int, seq_len: int):
+        self.vocab, self.seq_len = vocab, seq_len
+
+    def train_batch(self, step: int, batch: int) -> np.ndarray:
+        return np.random.default_rng(step).integers(0, self.vocab, (batch, self.seq_len), dtype=np.int32)
+
+
+def compiled_stats(compiled) -> dict:
+    out = {}
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        for name in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes"):
+            out[name.replace("_in_bytes", "_mb")] = getattr(mem, name, 0) / 2**20
+        out["peak_estimate_mb"] = (
+            out["temp_size_mb"] + out["argument_size_mb"] + out["output_size_mb"] - out["alias_size_mb"]
+        )
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    if cost:
+        out["gflops_per_step"] = float(cost.get("flops", 0.0)) / 1e9
+    return out
+
+
+def benchmark(config, steps: int, **task_kwargs) -> dict:
+    cfg = parse_config(config)
+    task = build_task(cfg, **task_kwargs)
+    data = RandomTokens(cfg.model.vocab_size, cfg.data.seq_len)
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(cfg, task, workdir, data, tokenizer=None)
+        state = trainer.init_state()
+        tokens = shd.global_batch_from_local(data.train_batch(0, trainer.local_batch), trainer.mesh)
+        t0 = time.perf_counter()
+        lowered = trainer.train_step.lower(state, task.aux, tokens, trainer.base_key)
+        compiled = lowered.compile()
+        result = {
+            "task": cfg.task, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+            "seq_len": cfg.data.seq_len, "vocab_size": cfg.model.vocab_size, "dim": cfg.model.dim,
+            "num_layers": cfg.model.num_layers, "dtype": getattr(cfg.model, "dtype", "float32"),
+            "devices": jax.device_count(), "backend": jax.default_backend(),
+            "params_m": trainer.num_params / 1e6, "compile_s": time.perf_counter() - t0,
+            **compiled_stats(compiled),
+        }
+        if steps > 0:
+            state, metrics = compiled(state, task.aux, tokens, trainer.base_key)  # warm-up
+            jax.block_until_ready(metrics)
+            times = []
+            for i in range(steps):
+                tokens = shd.global_batch_from_local(data.train_batch(i + 1, trainer.local_batch), trainer.mesh)
+                t0 = time.perf_counter()
+                state, metrics = compiled(state, task.aux, tokens, trainer.base_key)
+                jax.block_until_ready(metrics)
+                times.append(time.perf_counter() - t0)
+            step_s = float(np.median(times))
+            result.update(
+                step_s=step_s, step_s_min=float(min(times)),
+                tokens_per_s=cfg.train.batch_size * cfg.data.seq_len / step_s,
+            )
+        trainer.ckpt.close()
+    return result
+
+
+def main(argv):
+    del argv
+    result = benchmark(_CONFIG.value, _STEPS.value)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))
