@@ -265,13 +265,16 @@ def _llama_config(c: Mapping[str, Any], dtype: str) -> LlamaConfig:
         raise ConversionError("LLaMA with attention/MLP biases is not supported")
     if c.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"unsupported LLaMA activation {c['hidden_act']!r}")
+    head_dim = c.get("head_dim")
+    if head_dim == c["hidden_size"] // c["num_attention_heads"]:
+        head_dim = None  # the default; keeps configs of exported-then-reloaded models equal
     return LlamaConfig(
         vocab_size=c["vocab_size"],
         dim=c["hidden_size"],
         num_layers=c["num_hidden_layers"],
         num_heads=c["num_attention_heads"],
         num_kv_heads=c.get("num_key_value_heads"),
-        head_dim=c.get("head_dim"),
+        head_dim=head_dim,
         ffn_hidden=c["intermediate_size"],
         max_len=c.get("max_position_embeddings", 2048),
         rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
@@ -377,6 +380,14 @@ def load_hf_checkpoint(path_or_hub_id: str, *, dtype: str = "float32") -> tuple[
     return model_from_hf(SafetensorsCheckpoint(_safetensors_files(directory)), config), config
 
 
+_LLAMA_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+}
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -398,3 +409,9 @@ def export_llama_to_hf(model: Llama, config: LlamaConfig, out_dir: str, tokenize
         sources = [tokenizer_path]
     for source in sources:
         shutil.copy(source, os.path.join(out_dir, os.path.basename(source)))
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    if not os.path.exists(config_path):
+        # A bare SentencePiece file loads as a generic tokenizer that adds no BOS; name the LLaMA
+        # tokenizer class and its special tokens so AutoTokenizer encodes as the model was trained.
+        with open(config_path, "w") as f:
+            json.dump(_LLAMA_TOKENIZER_CONFIG, f, indent=2)
