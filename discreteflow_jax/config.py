@@ -202,7 +202,14 @@ def parse_config(cfg: ml_collections.ConfigDict) -> ExperimentConfig:
     if task == "teacher":
         from discreteflow_jax.models.llama import LlamaConfig  # teacher models are optional here
 
+        if not model_section.get("num_kv_heads"):
+            model_section["num_kv_heads"] = None  # 0 in a config file means "plain multi-head"
         model = _build(LlamaConfig, model_section, "model")
+        if data.seq_len > model.max_len:
+            raise ConfigError(
+                f"config.data.seq_len={data.seq_len} is longer than the teacher supports "
+                f"(config.model.max_len={model.max_len})"
+            )
     else:
         model = _build(TokenFlowConfig, model_section, "model", {"causal": causal})
         validate_tokenflow_model(model, data)

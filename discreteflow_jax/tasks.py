@@ -77,7 +77,13 @@ def tokenflow_task(cfg: ExperimentConfig) -> Task:
     )
 
 
-TASK_BUILDERS = {"tokenflow": tokenflow_task}
+def _teacher_task(cfg: ExperimentConfig, **kwargs: Any) -> Task:
+    from discreteflow_jax.teacher import teacher_task
+
+    return teacher_task(cfg, **kwargs)
+
+
+TASK_BUILDERS = {"tokenflow": tokenflow_task, "teacher": _teacher_task}
 
 
 def build_task(cfg: ExperimentConfig, **kwargs: Any) -> Task:

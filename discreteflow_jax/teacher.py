@@ -1,0 +1,171 @@
+"""Autoregressive teachers: the LLaMA next-token task (experiment 2.1) and loading a teacher for
+distillation, from one of our workdirs or from a Hugging Face checkpoint.
+
+BOS convention (shared with the Gumbel step): the teacher reads ``[BOS] + tokens[:-1]`` and its
+logits at position i predict ``tokens[i]``. Training windows start mid-text, so BOS marks "start
+of the window", and the Gumbel step feeds exactly the same input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from discreteflow_jax.config import ConfigError, ExperimentConfig, parse_config
+from discreteflow_jax.flow import cross_entropy
+from discreteflow_jax.models.generate import generate
+from discreteflow_jax.models.llama import Llama, LlamaConfig
+from discreteflow_jax.train import Task
+
+TEACHER_COMMAND = "python -m discreteflow_jax.main --config=configs/shakespeare_teacher.py --workdir=DIR"
+
+
+def teacher_inputs(tokens_BT: jax.Array, bos_id: int) -> jax.Array:
+    """[BOS] + tokens[:-1]: the teacher's input whose logits at i predict tokens[i]."""
+    bos = jnp.full((tokens_BT.shape[0], 1), bos_id, tokens_BT.dtype)
+    return jnp.concatenate([bos, tokens_BT[:, :-1]], axis=1)
+
+
+def next_token_sums(model: nnx.Module, tokens_BT: jax.Array, bos_id: int) -> tuple[jax.Array, dict]:
+    logits = model(teacher_inputs(tokens_BT, bos_id))
+    token_loss = cross_entropy(logits, tokens_BT)
+    sums = {"loss_sum": jnp.sum(token_loss), "tokens": jnp.asarray(token_loss.size, jnp.float32)}
+    return jnp.mean(token_loss), sums
+
+
+def summarize_lm(sums: dict, prefix: str) -> dict[str, float]:
+    loss = float(sums["loss_sum"]) / max(float(sums["tokens"]), 1.0)
+    return {f"{prefix}/loss": loss, f"{prefix}/ppl": float(np.exp(min(loss, 50.0)))}
+
+
+def teacher_task(cfg: ExperimentConfig, bos_id: int = 1) -> Task:
+    """Next-token cross-entropy for a LLaMA teacher on the experiment's data."""
+    model_cfg: LlamaConfig = cfg.model
+    bos = model_cfg.bos_id if model_cfg.bos_id is not None else bos_id
+
+    def create_model(rngs: nnx.Rngs) -> Llama:
+        return Llama(model_cfg, rngs=rngs)
+
+    def loss_fn(model, aux, tokens, key):
+        return next_token_sums(model, tokens, bos)
+
+    def eval_fn(model, aux, tokens, key):
+        return next_token_sums(model, tokens, bos)[1]
+
+    def sample_fn(graphdef, params, aux, key, steps):
+        del steps  # autoregressive: one model call per token
+        model = nnx.merge(graphdef, params)
+        prompt = jnp.full((cfg.sample.num_samples, 1), bos, jnp.int32)
+        new_tokens = min(cfg.data.seq_len, model_cfg.max_len - 1)  # BOS takes one cache slot
+        out = generate(model, prompt, max_new_tokens=new_tokens, rng=key, eos_id=model_cfg.eos_id)
+        return out.tokens
+
+    return Task(
+        name="teacher", create_model=create_model, loss_fn=loss_fn, eval_fn=eval_fn,
+        summarize=summarize_lm, sample_fn=sample_fn,
+    )
+
+
+@dataclasses.dataclass
+class TeacherBundle:
+    """A frozen teacher ready to be passed into a jitted step (params as a pure pytree)."""
+
+    graphdef: Any
+    params: Any
+    config: Any
+    kind: str  # "llama" | "gpt2"
+    bos_id: int
+    vocab_size: int
+    max_len: int
+    source: str
+
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params)
+
+
+def _bundle(model: nnx.Module, config: Any, source: str, bos_fallback: int | None) -> TeacherBundle:
+    graphdef, state = nnx.split(model)
+    kind = "gpt2" if type(model).__name__ == "GPT2" else "llama"
+    bos = config.bos_id if config.bos_id is not None else bos_fallback
+    if bos is None:
+        raise ConfigError(f"the teacher at {source} does not declare a BOS token id; set it in its config")
+    return TeacherBundle(
+        graphdef=graphdef, params=nnx.to_pure_dict(state), config=config, kind=kind, bos_id=int(bos),
+        vocab_size=config.vocab_size, max_len=config.max_len, source=source,
+    )
+
+
+def load_teacher_checkpoint(workdir: str) -> TeacherBundle:
+    """Loads the newest checkpoint of one of our teacher runs (parameters only)."""
+    from discreteflow_jax import checkpoint as ckpt
+    from discreteflow_jax.train import TrainState, make_optimizer
+
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(
+            f"no teacher checkpoint found: {ckpt_dir} does not exist. Train the teacher first:\n  {TEACHER_COMMAND}\n"
+            "then pass --config.teacher.checkpoint=DIR"
+        )
+    mngr = ckpt.manager(workdir, keep=1000, async_save=False)
+    step = mngr.latest_step()
+    if step is None:
+        raise ConfigError(f"{ckpt_dir} holds no finished checkpoint; train the teacher first:\n  {TEACHER_COMMAND}")
+    meta = ckpt.read_meta(mngr, step)
+    raw = meta.get("config", {})
+    if raw.get("task") != "teacher":
+        raise ConfigError(
+            f"{workdir} holds a checkpoint of task {raw.get('task')!r}, not an autoregressive teacher. "
+            f"Point --config.teacher.checkpoint at a teacher workdir made by:\n  {TEACHER_COMMAND}"
+        )
+    saved = parse_config(ml_collections.ConfigDict(raw))
+    model_cfg: LlamaConfig = saved.model
+    tx = make_optimizer(saved.train)
+    abstract_model = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    abstract_params = nnx.to_pure_dict(abstract_params)
+    abstract_state = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), abstract_params)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
+    state, _ = ckpt.restore(mngr, step, target)
+    mngr.close()
+    model = nnx.merge(graphdef, state.params)
+    return _bundle(model, model_cfg, f"{workdir} (step {step})", bos_fallback=1)
+
+
+def load_teacher(section: dict, data_dir: str | None = None) -> TeacherBundle:
+    """Teacher from ``section['checkpoint']`` (our workdir) or ``section['hf']`` (Hub id / HF dir)."""
+    del data_dir  # teachers carry their own config; kept for a uniform call signature
+    checkpoint, hf = section.get("checkpoint", ""), section.get("hf", "")
+    if checkpoint and hf:
+        raise ConfigError("set only one of config.teacher.checkpoint and config.teacher.hf")
+    if checkpoint:
+        return load_teacher_checkpoint(checkpoint)
+    if hf:
+        from discreteflow_jax.convert import load_hf_checkpoint
+
+        model, config = load_hf_checkpoint(hf, dtype=section.get("dtype", "float32"))
+        return _bundle(model, config, hf, bos_fallback=None)
+    raise ConfigError(
+        "no teacher given: set --config.teacher.checkpoint=DIR (a workdir of ours, made by "
+        f"`{TEACHER_COMMAND}`) or --config.teacher.hf=gpt2 (a Hugging Face id or local HF directory)"
+    )
+
+
+def validate_teacher_config(cfg: ExperimentConfig) -> None:
+    m: LlamaConfig = cfg.model
+    for name in ("vocab_size", "dim", "num_layers", "num_heads", "ffn_hidden", "max_len"):
+        value = getattr(m, name)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.model.{name} must be a positive integer, got {value!r}")
+    if cfg.data.seq_len > m.max_len:
+        raise ConfigError(
+            f"config.data.seq_len={cfg.data.seq_len} is longer than the teacher supports "
+            f"(config.model.max_len={m.max_len})"
+        )

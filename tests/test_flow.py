@@ -1,0 +1,200 @@
+"""Numerics of the TokenFlow model and the flow process against naive references (tiny shapes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from discreteflow_jax import flow
+from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig, singular_logits
+
+TINY = TokenFlowConfig(vocab_size=37, dim=16, num_layers=2, num_heads=2, max_len=12)
+
+
+def make_model(**overrides) -> TokenFlow:
+    return TokenFlow(dataclasses.replace(TINY, **overrides), rngs=nnx.Rngs(0))
+
+
+def naive_singular(x_t, t, emb, sigma, eps):
+    """Forms the full [B, T, V, d] difference tensor on purpose."""
+    diff = x_t[:, :, None, :] - t[:, None, None, None] * emb[None, None, :, :]
+    denom = 2 * sigma**2 * (1 - t[:, None, None]) ** 2 + eps**2
+    return jax.nn.log_softmax(-jnp.sum(diff**2, axis=-1) / denom, axis=-1)
+
+
+@pytest.mark.parametrize("t_value", [0.0, 0.3, 0.9, 0.999, 1.0])
+def test_singular_logits_match_naive_reference(t_value):
+    key = jax.random.key(1)
+    emb = jax.random.normal(key, (37, 16))
+    emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
+    tokens = jax.random.randint(jax.random.key(2), (2, 5), 0, 37)
+    t = jnp.full((2,), t_value)
+    x_t = flow.noisy_path(emb[tokens], 0.25 * jax.random.normal(jax.random.key(3), (2, 5, 16)), t)
+    ours = singular_logits(x_t, t, emb, 0.25, 1e-3)
+    ref = naive_singular(x_t, t, emb, 0.25, 1e-3)
+    assert bool(jnp.all(jnp.isfinite(ours)))
+    np.testing.assert_allclose(jnp.exp(ours), jnp.exp(ref), atol=1e-4)
+    np.testing.assert_allclose(ours, ref, rtol=2e-3, atol=2e-3 * max(1.0, float(jnp.abs(ref).mean())))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("t_value", [0.05, 0.5, 0.999, 1.0])
+def test_fused_singular_equals_two_matmul_reference(tie, t_value):
+    fused = make_model(tie_embeddings=tie)
+    reference = nnx.merge(*nnx.split(fused))
+    reference.cfg = dataclasses.replace(fused.cfg, fused_singular=False)
+    tokens = jax.random.randint(jax.random.key(4), (3, 7), 0, 37)
+    t = jnp.full((3,), t_value)
+    x0 = fused.cfg.sigma * jax.random.normal(jax.random.key(5), (3, 7, 16))
+    x_t = flow.noisy_path(fused.embed(tokens), x0, t)
+    lp_fused = jax.nn.log_softmax(fused(x_t, t), axis=-1)
+    lp_ref = jax.nn.log_softmax(reference(x_t, t), axis=-1)
+    assert bool(jnp.all(jnp.isfinite(lp_fused)))
+    np.testing.assert_allclose(jnp.exp(lp_fused), jnp.exp(lp_ref), atol=1e-4)
+    if t_value < 0.99:  # at t→1 the log-probs of impossible tokens are ~-1e6: compare relatively
+        np.testing.assert_allclose(lp_fused, lp_ref, atol=1e-3)
+
+
+def test_flow_loss_matches_naive_reference():
+    model = make_model(fused_singular=False)
+    tokens = jax.random.randint(jax.random.key(6), (4, 9), 0, 37)
+    mask = jnp.ones((4, 9)).at[0, 5:].set(0.0)  # padding must be ignored
+    key = jax.random.key(7)
+    loss, metrics = flow.flow_loss(model, tokens, mask, key)
+
+    # Naive: recompute every piece by hand from the same random draws.
+    t_key, x0_key = jax.random.split(key)
+    t = jax.random.uniform(t_key, (4,))
+    emb = model.embeddings()
+    x1 = emb[tokens]
+    x0 = model.cfg.sigma * jax.random.normal(x0_key, x1.shape)
+    x_t = t[:, None, None] * x1 + (1 - t[:, None, None]) * x0
+    h = model.hidden(x_t, t)
+    logits = h @ emb.T + naive_singular(x_t, t, emb, model.cfg.sigma, model.cfg.singular_eps)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], axis=-1)[..., 0]
+    expected = float(jnp.sum(nll * mask) / jnp.sum(mask))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert float(metrics["tokens"]) == float(mask.sum())
+    np.testing.assert_allclose(float(metrics["bucket_tokens"].sum()), float(mask.sum()))
+
+
+def test_fused_loss_and_gradients_equal_reference():
+    fused = make_model()
+    graphdef, params = nnx.split(fused)
+    tokens = jax.random.randint(jax.random.key(8), (2, 6), 0, 37)
+    mask = jnp.ones((2, 6))
+
+    def loss_with(fused_flag):
+        def f(p):
+            m = nnx.merge(graphdef, p)
+            m.cfg = dataclasses.replace(m.cfg, fused_singular=fused_flag)
+            t = jnp.array([0.05, 0.2])  # small t, where the loss (and its gradient) is not ~0
+            return flow.flow_loss(m, tokens, mask, jax.random.key(9), t_B=t)[0]
+
+        return jax.value_and_grad(f)(params)
+
+    (l1, g1), (l2, g2) = loss_with(True), loss_with(False)
+    assert float(l1) > 0.1
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3)
+
+
+def test_embedding_rows_have_configured_norm():
+    for scale in (0.0, 0.5):
+        model = make_model(embed_scale=scale)
+        norms = jnp.linalg.norm(model.embeddings(), axis=-1)
+        np.testing.assert_allclose(norms, model.cfg.row_norm, rtol=1e-5)
+    assert math.isclose(make_model().cfg.row_norm, 1.0)
+
+
+def test_documented_init_is_applied():
+    cfg = TokenFlowConfig(vocab_size=64, dim=256, num_layers=3, num_heads=4, max_len=8)
+    model = TokenFlow(cfg, rngs=nnx.Rngs(0))
+    truncation = 0.986  # std of a ±3σ truncated normal relative to σ
+    for layer, block in enumerate(model.blocks):
+        expected = truncation / math.sqrt(2 * cfg.dim * (layer + 1))
+        np.testing.assert_allclose(float(jnp.std(block.attn.o_proj.kernel[...])), expected, rtol=0.05)
+        np.testing.assert_allclose(float(jnp.std(block.mlp.down_proj.kernel[...])), expected, rtol=0.05)
+        np.testing.assert_allclose(float(jnp.std(block.attn.q_proj.kernel[...])), truncation / 16.0, rtol=0.05)
+        assert float(jnp.abs(block.modulation.kernel[...]).max()) == 0.0
+        assert block.cross_attn is None  # created only when configured
+    assert float(jnp.abs(model.blocks[0].attn.q_proj.kernel[...]).max()) <= 3.0 / 16.0 + 1e-6
+    assert cfg.ffn_width == 704  # 8/3·256 rounded up to a multiple of 64
+    assert TokenFlowConfig(dim=256, ffn_hidden=256).ffn_width == 256
+
+
+def test_cross_attention_params_only_when_configured():
+    with_ca = make_model(cross_attention=True)
+    names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(with_ca))}
+    assert any("cross_attn" in n for n in names)
+    without = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(make_model()))}
+    assert not any("cross_attn" in n for n in without)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_causal_mask(causal):
+    model = make_model(causal=causal, singular_logits=False)
+    x = jax.random.normal(jax.random.key(10), (1, 8, 16)) * 0.25
+    t = jnp.array([0.3])
+    j = 5
+    x2 = x.at[:, j].add(1.0)
+    before = model(x, t)[:, :j]
+    after = model(x2, t)[:, :j]
+    if causal:
+        np.testing.assert_allclose(before, after, atol=1e-6)
+    else:
+        assert float(jnp.abs(before - after).max()) > 1e-4
+
+
+def test_sampler_is_deterministic_and_k1_is_one_step():
+    model = make_model()
+    x0 = flow.gaussian_source(jax.random.key(11), 2, 6, model)
+    a, _ = flow.sample_flow(model, x0, flow.time_grid(4))
+    b, _ = flow.sample_flow(model, x0, flow.time_grid(4))
+    np.testing.assert_array_equal(a, b)
+    c, _ = flow.sample_flow(model, flow.gaussian_source(jax.random.key(12), 2, 6, model), flow.time_grid(4))
+    assert not np.array_equal(a, c)
+    # K = 1: one model call at t = 0, tokens are its argmax and the final state is p·E.
+    tokens, x1 = flow.sample_flow(model, x0, flow.time_grid(1))
+    logits = model(x0, jnp.zeros((2,)))
+    np.testing.assert_array_equal(tokens, jnp.argmax(logits, axis=-1))
+    np.testing.assert_allclose(x1, jax.nn.softmax(logits) @ model.embeddings(), atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 1024])
+def test_sampler_any_number_of_steps(steps):
+    model = make_model(num_layers=1)
+    x0 = flow.gaussian_source(jax.random.key(13), 1, 4, model)
+    tokens, x = jax.jit(lambda x0: flow.sample_flow(model, x0, flow.time_grid(steps)))(x0)
+    assert tokens.shape == (1, 4) and bool(jnp.all((tokens >= 0) & (tokens < 37)))
+    assert bool(jnp.all(jnp.isfinite(x)))
+
+
+def test_time_grids_and_samplers():
+    for schedule in flow.TIME_GRIDS:
+        g = flow.time_grid(5, schedule)
+        assert float(g[0]) == 0.0 and float(g[-1]) == pytest.approx(1.0)
+        assert bool(jnp.all(jnp.diff(g) > 0))
+    with pytest.raises(ValueError, match="valid"):
+        flow.time_grid(4, "bogus")
+    with pytest.raises(ValueError, match=">= 1"):
+        flow.time_grid(0)
+    for sampler in flow.TIME_SAMPLERS:
+        t = flow.sample_time(jax.random.key(0), 4096, sampler, 2.0)
+        assert bool(jnp.all((t >= 0) & (t <= 1)))
+    t_power = flow.sample_time(jax.random.key(0), 4096, "power", 3.0)
+    assert float(jnp.mean(t_power)) == pytest.approx(0.25, abs=0.02)  # E[u^3] = 1/4
+
+
+def test_velocity_identity_and_euler_endpoint():
+    x = jnp.ones((1, 1, 2))
+    x1_hat = jnp.zeros((1, 1, 2))
+    np.testing.assert_allclose(flow.euler_update(x, x1_hat, jnp.float32(0.5), jnp.float32(1.0)), x1_hat)
+    np.testing.assert_allclose(flow.euler_update(x, x1_hat, jnp.float32(0.0), jnp.float32(0.5)), 0.5 * x)
