@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import jax
@@ -25,20 +24,20 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def maybe_initialize_distributed() -> None:
+def maybe_initialize_distributed(
+    mode: str = "auto",
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
     """Starts JAX's multi-controller runtime when launched as one of several processes.
 
-    Cloud TPU VMs, SLURM and explicit JAX_COORDINATOR_ADDRESS setups are detected by JAX itself.
+    Explicit arguments, then $JAX_COORDINATOR_ADDRESS/$JAX_NUM_PROCESSES/$JAX_PROCESS_ID, then
+    cluster auto-detection (Cloud TPU VMs, SLURM); see ``discreteflow_jax.distributed.initialize``.
     """
-    multi = any(
-        os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")
-    )
-    if multi and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
-        try:
-            jax.distributed.initialize()
-        except RuntimeError as err:  # already initialized (e.g. by a notebook)
-            if "already" not in str(err):
-                raise
+    from discreteflow_jax import distributed
+
+    return distributed.initialize(mode, coordinator_address, num_processes, process_id)
 
 
 def prepare(config: ml_collections.ConfigDict, data_dir: str | None = None) -> tuple[ExperimentConfig, Any, Any]:

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from discreteflow_jax import checkpoint as ckpt
+from discreteflow_jax import distributed as dist
 from discreteflow_jax import sharding as shd
 from discreteflow_jax.config import ExperimentConfig, TrainConfig
 from discreteflow_jax.metrics import MetricWriter, format_progress
@@ -144,11 +145,17 @@ def build_eval_step(task: Task, graphdef: Any) -> Callable:
 class Trainer:
     """Owns the mesh, the jitted programs, the checkpoint manager and the loop."""
 
-    def __init__(self, cfg: ExperimentConfig, task: Task, workdir: str, dataset: Any, tokenizer: Any):
+    def __init__(self, cfg: ExperimentConfig, task: Task, workdir: str, dataset: Any, tokenizer: Any,
+                 preemption_sync_every: int = 10):
         self.cfg, self.task, self.workdir = cfg, task, workdir
         self.dataset, self.tokenizer = dataset, tokenizer
+        self.preemption_sync_every = preemption_sync_every  # steps between SIGTERM agreements (multi-process)
+        # First, before any shape check can fail on some processes only: every process must run the same
+        # experiment (one all-gather of a config hash; a no-op with one process).
+        dist.check_same_config(cfg.raw)
         self.mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         shd.check_batch(cfg.train.batch_size, cfg.train.grad_accum, self.mesh)
+        shd.check_model_parallel(cfg.model, self.mesh)
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.local_batch = cfg.train.batch_size // self.process_count
         self.tx = make_optimizer(cfg.train)
@@ -170,14 +177,15 @@ class Trainer:
         batch_sh = shd.batch_sharding(self.mesh)
         rep = shd.replicated(self.mesh)
         aux_sh = task.aux_shardings if task.aux is not None else None
+        # with_activation_mesh: activation sharding constraints inside the model use this mesh while tracing.
         self.train_step = jax.jit(
-            build_train_step(task, self.graphdef, self.tx, cfg.train.grad_accum),
+            shd.with_activation_mesh(build_train_step(task, self.graphdef, self.tx, cfg.train.grad_accum), self.mesh),
             in_shardings=(self.state_shardings, aux_sh, batch_sh, rep),
             out_shardings=(self.state_shardings, rep),
             donate_argnums=0,
         )
         self.eval_step = jax.jit(
-            build_eval_step(task, self.graphdef),
+            shd.with_activation_mesh(build_eval_step(task, self.graphdef), self.mesh),
             in_shardings=(self.state_shardings.params, aux_sh, batch_sh, rep), out_shardings=rep,
         )
         self.base_key = jax.random.key(cfg.seed)
@@ -200,14 +208,21 @@ class Trainer:
         meta = ckpt.read_meta(self.ckpt, latest)
         ckpt.check_compatible(meta.get("config", {}), self.cfg.raw, self.workdir)
         state, meta = ckpt.restore(self.ckpt, latest, self.abstract_state)
-        if "data_state" in meta and hasattr(self.dataset, "restore"):
-            self.dataset.restore(meta["data_state"])
+        data_state = meta.get("data_state")
+        per_process = meta.get("data_states")  # one entry per process (each reads its own shard)
+        if isinstance(per_process, list) and len(per_process) == self.process_count:
+            data_state = per_process[self.process_index]
+        if data_state is not None and hasattr(self.dataset, "restore"):
+            self.dataset.restore(data_state)
         log.info("resumed from %s at step %d", self.ckpt.directory, latest)
         return state
 
     def save(self, state: TrainState, *, force: bool = False) -> None:
         step = int(jax.device_get(state.step))
         meta = {"config": self.cfg.raw, "step": step, "data_state": self._data_state()}
+        if self.process_count > 1:
+            # Only process 0 writes the JSON item, so the others' stream positions travel with it.
+            meta["data_states"] = dist.allgather_json(meta["data_state"])
         ckpt.save(self.ckpt, step, state, meta, force=force)
 
     def _data_state(self) -> dict:
@@ -230,7 +245,7 @@ class Trainer:
         texts: dict[int, list[str]] = {}
         key = jax.random.fold_in(jax.random.key(self.cfg.seed), 0xC0DE)
         for k in self.cfg.sample.eval_steps:
-            tokens = np.asarray(jax.device_get(self.task.sample_fn(self.graphdef, params, self.task.aux, key, k)))
+            tokens = dist.to_host(self.task.sample_fn(self.graphdef, params, self.task.aux, key, k))
             texts[k] = [self.tokenizer.decode_until_eos(row.tolist()) for row in tokens]
         if self.process_index == 0:
             path = os.path.join(self.workdir, "samples", f"step_{step:07d}.txt")
@@ -253,11 +268,24 @@ class Trainer:
             self.task.name, self.num_params / 1e6, dict(self.mesh.shape), jax.device_count(),
             self.process_count, start, cfg.train.num_steps,
         )
+        t_start = time.time()
+        guard = dist.PreemptionGuard(self.preemption_sync_every)
+        with guard:
+            result = self._loop(state, start, guard)
+        self.ckpt.wait_until_finished()
+        self.writer.flush()
+        if result.get("preempted"):
+            log.info("stopped by signal %s after step %d; checkpoint saved", guard.received, result["step"])
+        else:
+            log.info("finished %d steps in %.1fs", cfg.train.num_steps - start, time.time() - t_start)
+        return result
+
+    def _loop(self, state: TrainState, start: int, guard: dist.PreemptionGuard) -> dict:
+        cfg = self.cfg
         pending: list[tuple[int, dict]] = []
         last_metrics: dict = {}
         tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         t_window, steps_in_window = time.time(), 0
-        t_start = time.time()
         for step in range(start, cfg.train.num_steps):
             local = np.asarray(self.dataset.train_batch(step, self.local_batch), np.int32)
             tokens = shd.global_batch_from_local(local, self.mesh)
@@ -282,12 +310,18 @@ class Trainer:
             if done % cfg.train.eval_every == 0 or is_last:
                 self._eval_and_sample(state, done)
                 t_window, steps_in_window = time.time(), 0
-            if done % cfg.train.ckpt_every == 0 or is_last:
+            saved = done % cfg.train.ckpt_every == 0 or is_last
+            if saved:
                 self.save(state, force=is_last)
-        self.ckpt.wait_until_finished()
-        self.writer.flush()
-        log.info("finished %d steps in %.1fs", cfg.train.num_steps - start, time.time() - t_start)
-        return {"state": state, "metrics": last_metrics}
+            # Called on every process after every step (it synchronizes them every few steps).
+            if not is_last and guard.should_stop(done):
+                # SIGTERM (preemption, scancel): save now and return; rerunning the command resumes here.
+                if not saved:
+                    if pending:
+                        self._drain(pending)  # never checkpoint a diverged state
+                    self.save(state, force=True)
+                return {"state": state, "metrics": last_metrics, "preempted": True, "step": done}
+        return {"state": state, "metrics": last_metrics, "preempted": False, "step": cfg.train.num_steps}
 
     def _drain(self, pending: list[tuple[int, dict]]) -> dict:
         fetched = jax.device_get([m for _, m in pending])

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from discreteflow_jax.models.layers import Attention, RMSNorm, SwiGLU, linear, swiglu_hidden, truncated_normal_init
+from discreteflow_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -154,7 +155,10 @@ class TokenFlow(nnx.Module):
         return raw * (self.cfg.row_norm * jax.lax.rsqrt(jnp.sum(raw * raw, axis=-1, keepdims=True) + 1e-12))
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
-        return jnp.take(self.embeddings(), tokens_BT, axis=0)
+        # Under FSDP, gather the table's embed dimension first: a lookup into the fsdp-sharded table
+        # would come out sharded over embed and need an all-to-all back to batch sharding.
+        emb = constrain(self.embeddings(), ("vocab", None))
+        return constrain(jnp.take(emb, tokens_BT, axis=0), ("batch", "length", "embed"))
 
     # -- network ----------------------------------------------------------------------------
     def hidden(self, x_t: jax.Array, t_B: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -163,7 +167,7 @@ class TokenFlow(nnx.Module):
         cond = self.time_embed(t_B)
         x = (x_t / cfg.embed_scale_value).astype(cfg.compute_dtype)
         if context is not None:
-            context = context.astype(cfg.compute_dtype)
+            context = constrain(context.astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
         def run_block(block: FlowBlock, x: jax.Array, cond: jax.Array, context: jax.Array | None) -> jax.Array:
             return block(x, cond, cfg.causal, context)
@@ -171,14 +175,20 @@ class TokenFlow(nnx.Module):
         if cfg.remat != "none":
             policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "save_dots" else None
             run_block = nnx.remat(run_block, policy=policy)
+        # Pin the residual stream at block boundaries to (batch over data×fsdp, replicated length and
+        # embed) so XLA's propagation cannot drift to a layout that all-gathers activations inside
+        # the blocks; a no-op unless the step is traced for a multi-device mesh.
+        act = ("batch", "length", "embed")
+        x = constrain(x, act)
         for block in self.blocks:
-            x = run_block(block, x, cond, context)
+            x = constrain(run_block(block, x, cond, context), act)
         return self.final_norm(x)
 
     def __call__(self, x_t: jax.Array, t_B: jax.Array, context: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, V] in fp32 (network logits plus the singular term when enabled)."""
         h = self.hidden(x_t, t_B, context).astype(jnp.float32)
-        return self.output_logits(h, x_t, t_B)
+        x_t = constrain(x_t, ("batch", "length", "embed"))
+        return constrain(self.output_logits(h, x_t, t_B), ("batch", "length", "vocab"))
 
     def output_logits(self, h_BTD: jax.Array, x_t: jax.Array, t_B: jax.Array) -> jax.Array:
         cfg = self.cfg
