@@ -48,6 +48,7 @@ from discreteflow_jax.models.tokenflow import TokenFlow
 BLANK_PATTERN = r"_{3,}"
 DEFAULT_BLANK_LENGTH = 4
 CONDITION_MODES = ("path", "clamp")
+KNOWN_NOISE = ("posterior", "prior")
 
 
 class LoadError(ValueError):
@@ -180,12 +181,58 @@ def build_known(
 # Flow sampling with known positions (pure; jitted by the model classes)
 
 
-SourceFn = Callable[[jax.Array, int, int, TokenFlow], tuple[jax.Array, jax.Array | None]]
+# source(key, model, known_tokens [B, T], known_mask [B, T]) -> (x0 [B, T, d], context or None)
+SourceFn = Callable[[jax.Array, TokenFlow, jax.Array, jax.Array], tuple[jax.Array, jax.Array | None]]
 
 
-def gaussian_prior(key: jax.Array, batch: int, seq_len: int, model: TokenFlow) -> tuple[jax.Array, None]:
-    """The baseline source: x0 ~ N(0, σ²I), no context."""
-    return flow.gaussian_source(key, batch, seq_len, model), None
+def gaussian_prior(key: jax.Array, model: TokenFlow, known_tokens: jax.Array, known_mask: jax.Array
+                   ) -> tuple[jax.Array, None]:
+    """The baseline source: x0 ~ N(0, σ²I), no context (the known tokens do not change it)."""
+    b, seq_len = known_tokens.shape
+    return flow.gaussian_source(key, b, seq_len, model), None
+
+
+def gumbel_prior(gumbel_section: dict | None, known_noise: str = "posterior") -> SourceFn:
+    """The source of a Gumbel student: G from the prior, reduced to (x0, context) as in training.
+
+    With ``known_noise="posterior"`` the noise at known positions is drawn from the exact
+    posterior given that the known token won the Gumbel argmax under a flat teacher (ℓ uniform),
+    so the noise the student reads agrees with the tokens it is told; ``"prior"`` keeps plain
+    prior noise there. With no known position both equal ``gumbel.gumbel_source`` exactly (same
+    keys, same draws).
+    """
+    from discreteflow_jax import gumbel as gmb  # only Gumbel models need it
+
+    if known_noise not in KNOWN_NOISE:
+        raise ValueError(f"known_noise must be one of {', '.join(KNOWN_NOISE)}, got {known_noise!r}")
+    gcfg = gmb.parse_gumbel_config(gumbel_section)
+
+    def source(key: jax.Array, model: TokenFlow, known_tokens: jax.Array, known_mask: jax.Array
+               ) -> tuple[jax.Array, jax.Array | None]:
+        b, seq_len = known_tokens.shape
+        if known_noise == "prior":
+            return gmb.gumbel_source(model, key, b, seq_len, gcfg)
+        g_key, x0_key = jax.random.split(key)  # the split gumbel_source makes
+        emb = model.embeddings()
+        vocab = emb.shape[0]
+        chunk = gmb.resolve_chunk(seq_len, b, vocab, gcfg.chunk_size)
+        flat_logp = jnp.full((b, chunk, vocab), -jnp.log(float(vocab)), jnp.float32)
+
+        def noise_fn(start: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+            xi, m = gmb.chunk_draws(g_key, positions, b, vocab)
+            tok = jax.lax.dynamic_slice_in_dim(known_tokens, start, chunk, axis=1)
+            known = jax.lax.dynamic_slice_in_dim(known_mask, start, chunk, axis=1)
+            post = gmb.posterior_from_draws(flat_logp, tok, xi, m)
+            g = jnp.where(known[..., None], post, xi)
+            return gcfg.sample_temperature * g, jnp.zeros((b, chunk), jnp.float32)
+
+        ctx = gmb.chunked_context(noise_fn, emb, seq_len=seq_len, chunk=chunk, tau=gcfg.tau, remat=False)[0]
+        x0, context = gmb.student_inputs(model, ctx, gcfg)
+        if x0 is None:
+            x0 = flow.gaussian_source(x0_key, b, seq_len, model)
+        return x0, context
+
+    return source
 
 
 def conditional_sample(
@@ -203,8 +250,7 @@ def conditional_sample(
     docstring for ``condition``) and returned unchanged. An all-False mask is plain sampling."""
     if condition not in CONDITION_MODES:
         raise ValueError(f"condition must be one of {CONDITION_MODES}, got {condition!r}")
-    b, seq_len = known_tokens_BT.shape
-    x0, context = source(key, b, seq_len, model)
+    x0, context = source(key, model, known_tokens_BT, known_mask_BT)
     e_known = model.embed(known_tokens_BT)
     mask = known_mask_BT[..., None]
 
@@ -220,13 +266,21 @@ def conditional_sample(
 # Loaded models
 
 
-def _source_for(cfg: ExperimentConfig) -> SourceFn:
+def _source_for(cfg: ExperimentConfig, known_noise: str = "posterior") -> SourceFn:
     """How a task draws (x0, context) at sampling time; Gumbel models use their Gumbel prior."""
     if cfg.task == "gumbel":
-        from discreteflow_jax import gumbel  # only Gumbel models need it
-
-        return gumbel.prior_source(cfg)
+        return gumbel_prior(cfg.extra.get("gumbel"), known_noise)
     return gaussian_prior
+
+
+def model_config(cfg: ExperimentConfig) -> Any:
+    """The TokenFlowConfig the trained module was built with (a Gumbel task derives it from its
+    ``gumbel`` section, e.g. cross-attention layers for conditioning="cross_attention")."""
+    if cfg.task == "gumbel":
+        from discreteflow_jax import gumbel as gmb
+
+        return gmb.student_config(cfg.model, gmb.parse_gumbel_config(cfg.extra.get("gumbel")))
+    return cfg.model
 
 
 class TokenFlowModel:
@@ -246,7 +300,6 @@ class TokenFlowModel:
         self.tokenizer = tokenizer
         self.source = source
         self.step = step
-        self._prior = _source_for(cfg)
         self._programs: dict[tuple, Callable] = {}
         if cfg.task == "gumbel":
             self.kind = "gumbel"
@@ -264,17 +317,17 @@ class TokenFlowModel:
         return nnx.merge(self.graphdef, self.params)
 
     # -- sampling ----------------------------------------------------------------------------
-    def _program(self, condition: str) -> Callable:
-        if condition not in self._programs:
-            graphdef, prior = self.graphdef, self._prior
+    def _program(self, condition: str, known_noise: str) -> Callable:
+        if (condition, known_noise) not in self._programs:
+            graphdef, prior = self.graphdef, _source_for(self.config, known_noise)
 
             def run(params, key, grid, known_tokens, known_mask, temperature):
                 model = nnx.merge(graphdef, params)
                 return conditional_sample(model, key, grid, known_tokens, known_mask, source=prior,
                                           temperature=temperature, condition=condition)
 
-            self._programs[condition] = jax.jit(run)
-        return self._programs[condition]
+            self._programs[condition, known_noise] = jax.jit(run)
+        return self._programs[condition, known_noise]
 
     def sample_tokens(
         self,
@@ -291,10 +344,17 @@ class TokenFlowModel:
         known_mask: Any = None,
         blank_length: int = DEFAULT_BLANK_LENGTH,
         condition: str = "path",
+        known_noise: str = "posterior",
         length: int | None = None,
     ) -> np.ndarray:
-        """[n, length] sampled token ids (length defaults to the training context). Defaults for
-        steps, schedule and temperature come from the training config's ``sample`` section."""
+        """[n, length] sampled token ids (length defaults to the training context).
+
+        Defaults for steps, schedule and temperature come from the training config's ``sample``
+        section. Known positions come from ``prompt`` (a prefix), ``template`` (text with blanks)
+        or ``known_tokens`` + ``known_mask`` ([length], [1, length] or [n, length]); ``condition``
+        is "path" or "clamp" (module docstring); ``known_noise`` ("posterior" | "prior") is how a
+        Gumbel model's noise at known positions is drawn (see ``gumbel_prior``).
+        """
         s = self.config.sample
         steps = s.steps if steps is None else steps
         schedule = s.schedule if schedule is None else schedule
@@ -309,12 +369,14 @@ class TokenFlowModel:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if condition not in CONDITION_MODES:
             raise ValueError(f"condition must be one of {', '.join(CONDITION_MODES)}, got {condition!r}")
+        if known_noise not in KNOWN_NOISE:
+            raise ValueError(f"known_noise must be one of {', '.join(KNOWN_NOISE)}, got {known_noise!r}")
         grid = flow.time_grid(steps, schedule, schedule_param)
         known = build_known(self.tokenizer, n, length, prompt=prompt, template=template,
                             known_tokens=known_tokens, known_mask=known_mask, blank_length=blank_length)
         if known is None:
             known = Known(np.zeros((n, length), np.int32), np.zeros((n, length), bool))
-        out = self._program(condition)(
+        out = self._program(condition, known_noise)(
             self.params, jax.random.key(seed), grid, jnp.asarray(known.tokens), jnp.asarray(known.mask),
             jnp.asarray(temperature, jnp.float32),
         )
@@ -582,7 +644,8 @@ def _tokenizer_for(cfg: ExperimentConfig, data_dir: str | None) -> Tokenizer:
 
 def abstract_tokenflow(cfg: ExperimentConfig) -> tuple[Any, Any]:
     """(graphdef, abstract pure-dict params) of the TokenFlow a config describes; nothing allocated."""
-    abstract = nnx.eval_shape(lambda: TokenFlow(cfg.model, rngs=nnx.Rngs(0)))
+    model_cfg = model_config(cfg)
+    abstract = nnx.eval_shape(lambda: TokenFlow(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     return graphdef, nnx.to_pure_dict(state)
 

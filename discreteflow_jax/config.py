@@ -72,6 +72,9 @@ class FlowConfig:
     time_sampler: str = "uniform"
     time_param: float = 1.0
     num_buckets: int = 10
+    condition_prob: float = 0.0  # fraction of training sequences with known (clean, unscored) positions
+    condition_prefix_prob: float = 0.5  # of those: known prefix vs random known spans
+    condition_span_len: int = 8  # block length of the random known spans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +196,10 @@ def parse_config(cfg: ml_collections.ConfigDict) -> ExperimentConfig:
     train = _build(TrainConfig, raw.get("train", {}), "train")
     validate_train(train)
     flow_cfg = _build(FlowConfig, raw.get("flow", {}), "flow")
+    for name in ("condition_prob", "condition_prefix_prob"):
+        if not 0.0 <= getattr(flow_cfg, name) <= 1.0:
+            raise ConfigError(f"config.flow.{name} must be in [0, 1], got {getattr(flow_cfg, name)}")
+    _positive(flow_cfg.condition_span_len, "flow.condition_span_len")
     sample = _build(SampleConfig, raw.get("sample", {}), "sample")
     _positive(sample.steps, "sample.steps")
     mesh = _build(MeshConfig, raw.get("mesh", {}), "mesh")

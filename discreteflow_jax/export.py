@@ -182,7 +182,9 @@ def export_model(model: Any, out_dir: str, data_dir: str | None = None) -> str:
     if not isinstance(model, TokenFlowModel):
         raise TypeError(f"cannot export {type(model).__name__}")
     save_file(flatten_params(model.params), os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "np"})
-    meta = _meta(model.kind, dataclasses.asdict(cfg.model), cfg, model.step, model.tokenizer, files)
+    from discreteflow_jax.api import model_config
+
+    meta = _meta(model.kind, dataclasses.asdict(model_config(cfg)), cfg, model.step, model.tokenizer, files)
     _write_json(os.path.join(out_dir, CONFIG_FILE), meta)
     return out_dir
 

@@ -62,12 +62,15 @@ def flow_loss(
     x0: jax.Array | None = None,
     context: jax.Array | None = None,
     t_B: jax.Array | None = None,
+    known_BT: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean cross-entropy of the clean tokens given x_t, over unmasked positions.
 
     ``x0`` (the flow source) defaults to Gaussian noise with σ = model.cfg.sigma; the Gumbel
-    reflow passes its own. Returns (loss, metrics) where metrics hold token-weighted sums per
-    t-bucket so that they can be averaged over many batches exactly.
+    reflow passes its own. ``known_BT`` (bool, optional) marks positions given as conditioning:
+    they enter clean (x_t = e) and are left out of the loss, which teaches the model to fill in
+    around known spans (see ``random_known_mask``). Returns (loss, metrics) where metrics hold
+    token-weighted sums per t-bucket so that they can be averaged over many batches exactly.
     """
     b = tokens_BT.shape[0]
     t_key, x0_key = jax.random.split(key)
@@ -77,9 +80,12 @@ def flow_loss(
     if x0 is None:
         x0 = model.cfg.sigma * jax.random.normal(x0_key, x1.shape, jnp.float32)
     x_t = noisy_path(x1, x0, t_B)
+    mask = mask_BT.astype(jnp.float32)
+    if known_BT is not None:
+        x_t = jnp.where(known_BT[..., None], x1, x_t)
+        mask = mask * (1.0 - known_BT.astype(jnp.float32))
     logits = model(x_t, t_B, context)
     token_loss = cross_entropy(logits, tokens_BT)
-    mask = mask_BT.astype(jnp.float32)
     num_tokens = jnp.maximum(mask.sum(), 1.0)
     loss = jnp.sum(token_loss * mask) / num_tokens
     seq_tokens = mask.sum(axis=1)
@@ -92,6 +98,32 @@ def flow_loss(
         "bucket_tokens": bucket_weight,
     }
     return loss, metrics
+
+
+def random_known_mask(
+    key: jax.Array, batch: int, seq_len: int, prob: float, prefix_prob: float = 0.5, span_len: int = 8
+) -> jax.Array:
+    """Conditioning positions for training, [B, T] bool.
+
+    Each sequence is conditioned with probability ``prob`` (else nothing is known). A conditioned
+    sequence knows either a prefix (probability ``prefix_prob``; length uniform in 1..T−1) or
+    random spans: the sequence is cut into blocks of ``span_len`` tokens and each block is known
+    with a per-sequence rate drawn from U(0, 1), so every fraction of known text is practised.
+    At least one position always stays unknown, so every conditioned sequence has a loss.
+    """
+    k_on, k_kind, k_len, k_rate, k_blocks = jax.random.split(key, 5)
+    on = jax.random.uniform(k_on, (batch,)) < prob
+    use_prefix = jax.random.uniform(k_kind, (batch,)) < prefix_prob
+    pos = jnp.arange(seq_len)
+    prefix_len = jax.random.randint(k_len, (batch,), 1, max(seq_len, 2))
+    prefix = pos[None, :] < prefix_len[:, None]
+    num_blocks = -(-seq_len // span_len)
+    rate = jax.random.uniform(k_rate, (batch, 1))
+    blocks = jax.random.uniform(k_blocks, (batch, num_blocks)) < rate
+    spans = jnp.repeat(blocks, span_len, axis=1)[:, :seq_len]
+    # Keep one position unknown (the last one of an all-known row): its loss must exist.
+    spans = spans & ~(jnp.all(spans, axis=1, keepdims=True) & (pos[None, :] == seq_len - 1))
+    return on[:, None] & jnp.where(use_prefix[:, None], prefix, spans)
 
 
 def cross_entropy(logits_BTV: jax.Array, labels_BT: jax.Array) -> jax.Array:

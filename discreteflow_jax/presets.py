@@ -47,6 +47,11 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     c.flow.time_sampler = "uniform"  # uniform (original) | power (u**p, more small t) | logit_normal
     c.flow.time_param = 1.0  # p for power, std for logit_normal
     c.flow.num_buckets = 10  # equal t-buckets for the per-bucket validation loss
+    # Conditional training (off by default): this fraction of sequences gets known positions that
+    # enter clean and are not scored, so prompting/infilling with condition="clamp" improves.
+    c.flow.condition_prob = 0.0
+    c.flow.condition_prefix_prob = 0.5  # conditioned sequences: known prefix (else random spans)
+    c.flow.condition_span_len = 8  # block length of the random known spans
 
     c.sample = ml_collections.ConfigDict()
     c.sample.steps = 16  # default number of flow steps K

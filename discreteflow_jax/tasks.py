@@ -35,6 +35,17 @@ def stratified_times(key: jax.Array, batch: int) -> jax.Array:
     return (jnp.arange(batch, dtype=jnp.float32) + jax.random.uniform(key, (batch,))) / batch
 
 
+def known_positions(fc: Any, shape: tuple[int, ...], key: jax.Array) -> jax.Array | None:
+    """Training-time conditioning mask (``flow.condition_prob``), or None when it is off so the
+    default step stays exactly as before. Its own key stream: the noise and times do not change."""
+    if fc.condition_prob <= 0:
+        return None
+    return flow.random_known_mask(
+        jax.random.fold_in(key, 0xC0D), shape[0], shape[1], fc.condition_prob, fc.condition_prefix_prob,
+        fc.condition_span_len,
+    )
+
+
 def tokenflow_task(cfg: ExperimentConfig) -> Task:
     fc = cfg.flow
 
@@ -45,7 +56,7 @@ def tokenflow_task(cfg: ExperimentConfig) -> Task:
         mask = jnp.ones(tokens.shape, jnp.float32)
         return flow.flow_loss(
             model, tokens, mask, key, time_sampler=fc.time_sampler, time_param=fc.time_param,
-            num_buckets=fc.num_buckets,
+            num_buckets=fc.num_buckets, known_BT=known_positions(fc, tokens.shape, key),
         )
 
     def eval_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):

@@ -1,0 +1,459 @@
+"""The Python API: loading, conditional generation (prompts, templates, masks), exports."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import load_config
+from flax import nnx
+
+import discreteflow_jax as dfj
+from discreteflow_jax import api, export, flow
+from discreteflow_jax.config import parse_config
+from discreteflow_jax.data.tokenizers import Tokenizer, load_tokenizer
+from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character of a fixed alphabet; enough to test prompts and templates."""
+
+    ALPHABET = "\x00\x01\x02 abcdefghijklmnopqrstuvwxyz.,:'\n"
+
+    def __init__(self):
+        self.name, self.vocab_size = "char", len(self.ALPHABET)
+        self.bos_id, self.eos_id, self.pad_id = 1, 2, 2
+
+    def encode(self, text):
+        return [self.ALPHABET.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(self.ALPHABET[int(i)] for i in ids)
+
+
+def tiny_flow(tokenizer: Tokenizer, seed: int = 0, **overrides) -> api.TokenFlowModel:
+    """A randomly initialized TokenFlowModel on the smoke config (seq_len 16)."""
+    c = load_config("shakespeare_baseline")
+    c.model.vocab_size = tokenizer.vocab_size
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    cfg = parse_config(c)
+    model = TokenFlow(api.model_config(cfg), rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)
+    return api.TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tokenizer, "test", step=0)
+
+
+class OracleFlow:
+    """The exact clean-token posterior for data drawn uniformly from a finite set of sequences,
+    behind the TokenFlow interface the sampler uses (embeddings, embed, cfg, __call__).
+
+    log p(s | x_t) = Σ_j −‖x_t,j − t·e_{s_j}‖² / (2σ²(1−t)² + ε²) + const, so the logits at each
+    position are log Σ_s p(s | x_t)·[s_j = v]: a hand-set model with only one answer for each
+    consistent set of known tokens.
+    """
+
+    def __init__(self, sequences: np.ndarray, vocab: int, dim: int):
+        self.cfg = TokenFlowConfig(vocab_size=vocab, dim=dim, num_layers=1, num_heads=1, max_len=sequences.shape[1])
+        raw = jax.random.normal(jax.random.key(0), (vocab, dim))
+        self.emb = raw / jnp.linalg.norm(raw, axis=-1, keepdims=True) * self.cfg.row_norm
+        self.sequences = jnp.asarray(sequences)
+
+    def embeddings(self):
+        return self.emb
+
+    def embed(self, tokens):
+        return self.emb[tokens]
+
+    def __call__(self, x_t, t_B, context=None):
+        e_s = self.emb[self.sequences]  # [S, T, d]
+        t = t_B[:, None, None, None]
+        sq = jnp.sum((x_t[:, None] - t * e_s[None]) ** 2, axis=-1)  # [B, S, T]
+        denom = 2 * self.cfg.sigma**2 * (1 - t_B[:, None]) ** 2 + self.cfg.singular_eps**2
+        w = jax.nn.softmax(-sq.sum(-1) / denom, axis=1)  # [B, S]
+        probs = jnp.einsum("bs,stv->btv", w, jax.nn.one_hot(self.sequences, self.cfg.vocab_size))
+        return jnp.log(probs + 1e-30)
+
+
+def assert_template_kept(tokens: np.ndarray, parsed: api.Known) -> None:
+    size = parsed.mask.shape[1]
+    known = parsed.mask[0]
+    for row in tokens:
+        np.testing.assert_array_equal(row[:size][known], parsed.tokens[0][known])
+
+
+def counting_sequences(vocab: int, length: int) -> np.ndarray:
+    """Row k is k, k+1, ... (mod vocab): any one known token pins down the whole row."""
+    return (np.arange(vocab)[:, None] + np.arange(length)[None, :]) % vocab
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditional generation
+
+
+def test_oracle_infilling_recovers_the_only_consistent_sequence():
+    # Clamping: each known token is fully visible from the first step on. (Holding known tokens on
+    # their noise path gives them only the evidence of noisy positions; with this exact model it
+    # recovers 78% of such rows, clamping 100%: see the README section "Python API".)
+    vocab, length = 11, 8
+    seqs = counting_sequences(vocab, length)
+    oracle = OracleFlow(seqs, vocab, dim=16)
+    n = 8
+    truth = seqs[np.arange(n) * 3 % vocab]  # eight different answers
+    rng = np.random.default_rng(0)
+    mask = np.zeros((n, length), bool)
+    for row in mask:
+        row[rng.choice(length, 4, replace=False)] = True  # scattered known tokens, four blanks
+    tokens = api.conditional_sample(oracle, jax.random.key(1), flow.time_grid(16),
+                                    jnp.asarray(np.where(mask, truth, 0)), jnp.asarray(mask), condition="clamp")
+    np.testing.assert_array_equal(np.asarray(tokens), truth)
+
+
+def test_oracle_unconditional_samples_are_data():
+    vocab, length = 11, 8
+    seqs = counting_sequences(vocab, length)
+    oracle = OracleFlow(seqs, vocab, dim=16)
+    n = 8
+    zeros = jnp.zeros((n, length), jnp.int32)
+    tokens = np.asarray(api.conditional_sample(oracle, jax.random.key(2), flow.time_grid(32), zeros,
+                                               jnp.zeros((n, length), bool)))
+    rows = {tuple(r) for r in seqs.tolist()}
+    assert all(tuple(r) in rows for r in tokens.tolist())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("condition", api.CONDITION_MODES)
+def test_known_positions_come_out_unchanged(causal, condition):
+    tok = CharTokenizer()
+    model = tiny_flow(tok, causal=causal)
+    rng = np.random.default_rng(0)
+    # Same n and steps everywhere: one compiled program serves all three requests.
+    known = rng.integers(0, tok.vocab_size, (2, 16))
+    mask = rng.random((2, 16)) < 0.4
+    out = model.sample_tokens(2, 2, seed=0, known_tokens=known, known_mask=mask, condition=condition)
+    assert out.shape == (2, 16)
+    np.testing.assert_array_equal(out[mask], known[mask])
+
+    texts = model.sample(2, 2, seed=1, prompt="to be", condition=condition)
+    assert all(t.startswith("to be") for t in texts)
+    filled = model.sample_tokens(2, 2, seed=1, template="to be ____ to be", blank_length=3, condition=condition)
+    assert_template_kept(filled, api.parse_template("to be ____ to be", tok, blank_length=3))
+
+
+def test_unconditional_sampling_matches_the_training_sampler():
+    tok = CharTokenizer()
+    model = tiny_flow(tok)
+    ours = model.sample_tokens(2, 3, seed=5, schedule="uniform", temperature=1.0)
+    m = model.model()
+    x0 = flow.gaussian_source(jax.random.key(5), 2, 16, m)
+    ref, _ = flow.sample_flow(m, x0, flow.time_grid(3))
+    np.testing.assert_array_equal(ours, np.asarray(ref))
+
+
+def test_score_reports_every_t_bucket():
+    model = tiny_flow(CharTokenizer())
+    scores = model.score(["to be or not to be, that is the question"])
+    assert set(scores) == {"loss"} | {f"loss_t{i / 10:.1f}-{(i + 1) / 10:.1f}" for i in range(10)}
+    assert scores["loss_t0.0-0.1"] > scores["loss_t0.9-1.0"]
+
+
+def test_template_parsing():
+    tok = CharTokenizer()
+    parsed = api.parse_template("ab ___ c ____", tok, blank_length=2)
+    assert parsed.mask.tolist() == [[True, True, False, False, True, False, False]]
+    assert tok.decode(parsed.tokens[0][parsed.mask[0]]) == "abc"
+
+
+def test_bad_requests_fail_before_compiling(monkeypatch):
+    tok = CharTokenizer()
+    model = tiny_flow(tok)
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled before validating the request")
+
+    monkeypatch.setattr(model, "_program", no_compile)
+    with pytest.raises(ValueError, match="prompt is 20 tokens long"):
+        model.sample(1, 2, prompt="a" * 20)
+    with pytest.raises(ValueError, match="has no blank"):
+        model.sample(1, 2, template="to be or not to be")
+    with pytest.raises(ValueError, match="known_mask has shape"):
+        model.sample(1, 2, known_tokens=np.zeros((1, 16), int), known_mask=np.zeros((1, 15), bool))
+    with pytest.raises(ValueError, match=r"shape \[16\]"):
+        model.sample(2, 2, known_tokens=np.zeros((3, 16), int), known_mask=np.zeros((3, 16), bool))
+    with pytest.raises(ValueError, match="template is"):
+        model.sample(1, 2, template="abcdefgh ____ abcdefgh", blank_length=4)
+    with pytest.raises(ValueError, match="only one of"):
+        model.sample(1, 2, prompt="ab", template="a ___")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.sample(1, 2, known_tokens=np.full(16, 999), known_mask=np.ones(16, bool))
+    with pytest.raises(ValueError, match="condition must be"):
+        model.sample(1, 2, prompt="ab", condition="pin")
+
+
+def test_continue_prefixes_keeps_each_prefix_and_returns_the_rest():
+    tok = CharTokenizer()
+    model = tiny_flow(tok)
+    prefixes = ["to be", "or not to be"]
+    out = api.continue_prefixes(model, prefixes, steps=(1, 2), return_tokens=True, batch_size=1)
+    assert sorted(out) == [1, 2]
+    for k in out:
+        assert [len(c) for c in out[k]] == [16 - len(p) for p in prefixes]
+    with pytest.raises(ValueError, match="prefix 0"):
+        api.continue_prefixes(model, ["a" * 16], steps=(1,))
+
+
+def test_gumbel_models_condition_with_posterior_noise():
+    gmb = pytest.importorskip("discreteflow_jax.gumbel")
+    tok = CharTokenizer()
+    c = load_config("shakespeare_baseline")
+    c.model.vocab_size = tok.vocab_size
+    c.task = "gumbel"
+    c.gumbel = ml_collections.ConfigDict({"conditioning": "cross_attention"})
+    cfg = parse_config(c)
+    model_cfg = api.model_config(cfg)
+    assert model_cfg.cross_attention  # the gumbel section reaches the module
+    m = TokenFlow(model_cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(m)
+    model = api.TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tok, "test")
+    assert model.kind == "gumbel"
+
+    # No known position: exactly the training-time Gumbel source.
+    key = jax.random.key(3)
+    source = api.gumbel_prior(cfg.extra["gumbel"])
+    gcfg = gmb.parse_gumbel_config(cfg.extra["gumbel"])
+    known = jnp.asarray(np.random.default_rng(0).integers(3, tok.vocab_size, (2, 16)), jnp.int32)
+
+    @jax.jit  # one compilation instead of one per eager op
+    def sources(params):
+        m = nnx.merge(graphdef, params)
+        zeros = jnp.zeros((2, 16), jnp.int32)
+        return (source(key, m, zeros, jnp.zeros((2, 16), bool)), gmb.gumbel_source(m, key, 2, 16, gcfg),
+                source(key, m, known, jnp.ones((2, 16), bool))[1], m.embeddings())
+
+    ours, ref, ctx, emb = sources(model.params)
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6)
+    np.testing.assert_allclose(ours[1], ref[1], rtol=1e-5, atol=1e-6)
+
+    # Known positions: the context there leans towards the known token's embedding.
+    emb = emb / m.cfg.embed_scale_value
+    nearest = jnp.argmax(jnp.einsum("btd,vd->btv", ctx, emb), axis=-1)
+    assert float(jnp.mean(nearest == known)) > 0.5
+
+    for known_noise in api.KNOWN_NOISE:
+        out = model.sample_tokens(2, 2, seed=0, template="to be ____ to be", known_noise=known_noise)
+        assert_template_kept(out, api.parse_template("to be ____ to be", tok))
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditional training option
+
+
+def test_flow_loss_with_known_positions_keeps_them_clean_and_unscored():
+    model = TokenFlow(TokenFlowConfig(vocab_size=23, dim=16, num_layers=1, num_heads=2, max_len=8),
+                      rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(0), (3, 8), 0, 23)
+    mask = jnp.ones((3, 8))
+    known = jnp.zeros((3, 8), bool).at[:, :3].set(True)
+    key = jax.random.key(1)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit  # one compilation instead of one per eager op
+    def both(params):
+        model = nnx.merge(graphdef, params)
+        loss, metrics = flow.flow_loss(model, tokens, mask, key, known_BT=known)
+        t_key, x0_key = jax.random.split(key)
+        t = jax.random.uniform(t_key, (3,))
+        x1 = model.embed(tokens)
+        x0 = model.cfg.sigma * jax.random.normal(x0_key, x1.shape)
+        x_t = jnp.where(known[..., None], x1, flow.noisy_path(x1, x0, t))
+        nll = flow.cross_entropy(model(x_t, t), tokens)
+        return loss, metrics["tokens"], jnp.sum(nll * ~known) / 15
+
+    loss, num_tokens, ref = both(params)
+    assert float(num_tokens) == 3 * 5
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+
+
+def test_random_known_mask():
+    key = jax.random.key(0)
+    assert not bool(flow.random_known_mask(key, 64, 16, 0.0).any())
+    m = np.asarray(flow.random_known_mask(key, 256, 16, 1.0, prefix_prob=0.5, span_len=4))
+    assert (~m).any(axis=1).all()  # every row keeps something to predict
+    assert 0.2 < m.mean() < 0.8
+    prefix_rows = [r for r in m if r.any() and (r == (np.arange(16) < r.sum())).all()]
+    assert len(prefix_rows) > 50
+    only_prefix = np.asarray(flow.random_known_mask(key, 64, 16, 1.0, prefix_prob=1.0))
+    assert all((r == (np.arange(16) < r.sum())).all() and 1 <= r.sum() <= 15 for r in only_prefix)
+
+
+def test_condition_config_is_validated_and_reaches_the_loss():
+    from discreteflow_jax.config import ConfigError
+    from discreteflow_jax.tasks import known_positions
+
+    c = load_config("shakespeare_baseline")
+    assert known_positions(parse_config(c).flow, (4, 16), jax.random.key(0)) is None
+    c.flow.condition_prob = 1.0
+    mask = known_positions(parse_config(c).flow, (4, 16), jax.random.key(0))
+    assert mask.shape == (4, 16) and bool(mask.any())
+    c.flow.condition_prob = 1.5
+    with pytest.raises(ConfigError, match="condition_prob"):
+        parse_config(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and exporting
+
+
+def _llama_flow(data_dir: str) -> api.TokenFlowModel:
+    tok = load_tokenizer("llama", data_dir)
+    c = load_config("shakespeare_baseline")
+    c.data.data_dir = data_dir
+    cfg = parse_config(c)
+    model = TokenFlow(cfg.model, rngs=nnx.Rngs(7))
+    graphdef, state = nnx.split(model)
+    return api.TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tok, "test", step=3)
+
+
+def _logits(model: api.TokenFlowModel) -> np.ndarray:
+    m = model.model()
+    x = m.cfg.sigma * jax.random.normal(jax.random.key(0), (2, 16, m.cfg.dim))
+    return np.asarray(m(x, jnp.asarray([0.1, 0.7])))
+
+
+def test_workdir_loads_in_one_call(tmp_path, data_dir):
+    from discreteflow_jax import checkpoint as ckpt
+    from discreteflow_jax.train import TrainState, make_optimizer
+
+    model = _llama_flow(data_dir)
+    tx = make_optimizer(model.config.train)
+    state = TrainState(jnp.asarray(3, jnp.int32), model.params, tx.init(model.params))
+    mngr = ckpt.manager(str(tmp_path), keep=2, async_save=False)
+    ckpt.save(mngr, 3, state, {"config": model.config.raw, "step": 3, "data_state": {}}, force=True)
+    mngr.close()
+    loaded = dfj.load(str(tmp_path))
+    assert isinstance(loaded, dfj.TokenFlowModel) and loaded.step == 3
+    assert loaded.config.raw == model.config.raw
+    np.testing.assert_array_equal(_logits(loaded), _logits(model))
+    texts = loaded.sample(2, 2, seed=0, prompt="ROMEO:")
+    assert all(t.startswith("ROMEO:") for t in texts)
+
+
+def test_tokenflow_export_round_trip(tmp_path, data_dir, monkeypatch):
+    model = _llama_flow(data_dir)
+    out = str(tmp_path / "export")
+    export.export_model(model, out, data_dir)
+    meta = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert meta["format_version"] == export.FORMAT_VERSION and meta["kind"] == "tokenflow"
+    assert meta["architecture"]["dim"] == model.config.model.dim
+    assert meta["tokenizer"]["name"] == "llama" and meta["training_config"] == model.config.raw
+    assert os.path.isfile(os.path.join(out, "llama_tokenizer", "tokenizer.model"))
+    from safetensors.numpy import load_file
+
+    assert "blocks.0.attn.q_proj.kernel" in load_file(os.path.join(out, "model.safetensors"))
+
+    # The export is self-contained: no data folder, no original config needed.
+    monkeypatch.delenv("DISCRETEFLOW_DATA_DIR", raising=False)
+    loaded = dfj.load(out)
+    assert isinstance(loaded, dfj.TokenFlowModel) and loaded.step == 3
+    np.testing.assert_array_equal(_logits(loaded), _logits(model))
+    np.testing.assert_array_equal(loaded.sample_tokens(2, 3, seed=1), model.sample_tokens(2, 3, seed=1))
+
+
+def test_teacher_export_is_hf_compatible_and_round_trips(tmp_path, data_dir):
+    from discreteflow_jax.models.llama import Llama
+
+    c = load_config("shakespeare_teacher")
+    c.data.data_dir = data_dir
+    cfg = parse_config(c)
+    module = Llama(cfg.model, rngs=nnx.Rngs(0))
+    teacher = api.TeacherModel(cfg, module, load_tokenizer("llama", data_dir), "test", step=4)
+    out = str(tmp_path / "teacher")
+    export.export_model(teacher, out, data_dir)
+    meta = json.loads((tmp_path / "teacher" / "config.json").read_text())
+    assert meta["model_type"] == "llama" and meta["kind"] == "llama" and meta["format_version"] == 1
+    loaded = dfj.load(out)
+    assert isinstance(loaded, dfj.TeacherModel)
+    tokens = jnp.asarray([[1, 100, 200, 300]])
+    np.testing.assert_allclose(loaded.module(tokens), module(tokens), rtol=1e-5, atol=1e-5)
+    texts = loaded.sample(2, seed=0, prompt="ROMEO:", length=8)
+    assert all(t.startswith("ROMEO:") for t in texts)
+    with pytest.raises(ValueError, match="only continues a prefix"):
+        loaded.sample(1, template="a ____ b")
+
+
+def test_export_format_versions(tmp_path, data_dir, monkeypatch):
+    model = _llama_flow(data_dir)
+    out = tmp_path / "export"
+    export.export_model(model, str(out), data_dir)
+    meta = json.loads((out / "config.json").read_text())
+
+    (out / "config.json").write_text(json.dumps({**meta, "format_version": export.FORMAT_VERSION + 1}))
+    with pytest.raises(export.ExportFormatError, match="newer"):
+        dfj.load(str(out))
+    (out / "config.json").write_text(json.dumps({**meta, "format_version": 0, "arch": meta["architecture"]}))
+    with pytest.raises(export.ExportFormatError, match="cannot migrate"):
+        dfj.load(str(out))
+
+    def v0_to_v1(old: dict) -> dict:  # e.g. a renamed field
+        new = {k: v for k, v in old.items() if k != "arch"}
+        return {**new, "architecture": old["arch"], "format_version": 1}
+
+    monkeypatch.setitem(export.MIGRATIONS, 0, v0_to_v1)
+    np.testing.assert_array_equal(_logits(dfj.load(str(out))), _logits(model))
+
+
+def test_loading_something_that_is_not_a_model_says_what_is_missing(tmp_path):
+    with pytest.raises(api.LoadError, match="does not exist"):
+        dfj.load(str(tmp_path / "nothing"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(api.LoadError, match="missing model.safetensors"):
+        dfj.load(str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(api.LoadError, match="config.json, model.safetensors"):
+        dfj.load(str(empty))
+    (empty / "checkpoints").mkdir()
+    with pytest.raises(api.LoadError, match="no finished checkpoint"):
+        dfj.load(str(empty))
+
+
+def test_top_level_exports_are_lazy():
+    assert dfj.load is api.load and dfj.TokenFlowModel is api.TokenFlowModel
+    with pytest.raises(AttributeError):
+        dfj.no_such_name  # noqa: B018
+
+
+def test_gumbel_architecture_in_export(tmp_path, data_dir):
+    pytest.importorskip("discreteflow_jax.gumbel")
+    tok = load_tokenizer("llama", data_dir)
+    c = load_config("shakespeare_baseline")
+    c.task = "gumbel"
+    c.gumbel = ml_collections.ConfigDict({"conditioning": "cross_attention"})
+    cfg = parse_config(c)
+    m = TokenFlow(api.model_config(cfg), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(m)
+    model = api.TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tok, "test")
+    out = str(tmp_path / "g")
+    export.export_model(model, out, data_dir)
+    loaded = dfj.load(out)
+    assert loaded.kind == "gumbel" and loaded.config.model.cross_attention is False
+    assert json.loads(open(os.path.join(out, "config.json")).read())["architecture"]["cross_attention"] is True
+    np.testing.assert_array_equal(loaded.sample_tokens(1, 2, seed=0), model.sample_tokens(1, 2, seed=0))
+
+
+def test_dataclass_configs_are_plain_json():
+    # config.json must stay readable without this package: architecture values are JSON scalars.
+    arch = dataclasses.asdict(TokenFlowConfig())
+    assert json.loads(json.dumps(arch)) == arch
