@@ -174,7 +174,16 @@ class Scorer:
         from discreteflow_jax.convert import load_hf_checkpoint
         from discreteflow_jax.models.gpt2 import GPT2
 
-        module, config = load_hf_checkpoint(spec, dtype="float32")
+        try:
+            module, config = load_hf_checkpoint(spec, dtype="float32")
+        except ValueError:  # ConversionError: the message already names the key or field
+            raise
+        except Exception as e:  # Hub, network or cache failures: one message saying what to pass instead
+            raise ValueError(
+                f"could not load the scorer {spec!r}: it is not a workdir or export of ours, and loading it as a "
+                f"Hugging Face model failed ({type(e).__name__}: {e}). Pass a teacher workdir, or a local "
+                "directory with config.json and *.safetensors of a GPT-2 or LLaMA checkpoint."
+            ) from e
         tok_name = tokenizer or ("gpt2" if isinstance(module, GPT2) else "llama")
         tok = load_tokenizer(tok_name, data_dir)
         if tok.vocab_size > config.vocab_size:

@@ -127,6 +127,26 @@ def test_different_tokenizers_are_bridged_through_text():
     assert evaluate.gen_ppl(["abca"], scorer)["gen_ppl"] == pytest.approx(2**1.5, rel=1e-5)
 
 
+def test_scorer_from_a_hugging_face_directory(tmp_path, data_dir):
+    """A converted HF LLaMA directory scores exactly like the module it was written from."""
+    from discreteflow_jax.convert import export_llama_to_hf
+    from discreteflow_jax.data import load_tokenizer
+
+    config = LlamaConfig(vocab_size=32000, dim=16, num_layers=1, num_heads=2, ffn_hidden=32, max_len=32,
+                         bos_id=1, eos_id=2, dtype="bfloat16")
+    model = Llama(config, rngs=nnx.Rngs(0))
+    export_llama_to_hf(model, config, str(tmp_path / "hf"))
+    loaded = Scorer.load(str(tmp_path / "hf"), data_dir, tokenizer="llama")
+    tok = load_tokenizer("llama", data_dir)
+    direct = Scorer(model, tok, bos_id=1)  # rebuilt in fp32 although the module computes in bf16
+    samples = [tok.encode("ROMEO: I will go."), tok.encode("To be, or not to be") + [tok.eos_id, 5, 6]]
+    a, b = loaded.score(samples, tok), direct.score(samples, tok)
+    assert a["scored_tokens"] == b["scored_tokens"] == len(samples[0]) + len(samples[1]) - 3
+    assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)
+    fp32 = Scorer(Llama(dataclasses.replace(config, dtype="float32"), rngs=nnx.Rngs(0)), tok, bos_id=1)
+    assert fp32.score(samples, tok)["nll"] == pytest.approx(b["nll"], rel=1e-6)
+
+
 # -- a model scored on its own samples ---------------------------------------------------------
 
 
@@ -156,12 +176,16 @@ def test_self_scored_perplexity_matches_entropy():
 # -- smoke sweep and sampling CLI over saved random-initialized workdirs ------------------------
 
 
-def _save_random_workdir(config_name: str, workdir: str, data_dir: str) -> None:
+def _save_random_workdir(config_name: str, workdir: str, data_dir: str, **overrides: str) -> None:
     from discreteflow_jax import experiment
     from discreteflow_jax.tasks import build_task
     from discreteflow_jax.train import Trainer
 
-    cfg, tokenizer, dataset = experiment.prepare(load_config(config_name, "smoke"), data_dir)
+    config = load_config(config_name, "smoke")
+    for dotted, value in overrides.items():
+        section, field = dotted.split(".")
+        config[section][field] = value
+    cfg, tokenizer, dataset = experiment.prepare(config, data_dir)
     trainer = Trainer(cfg, build_task(cfg), workdir, dataset, tokenizer)
     trainer.save(trainer.init_state(), force=True)
     trainer.ckpt.wait_until_finished()
@@ -170,29 +194,35 @@ def _save_random_workdir(config_name: str, workdir: str, data_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory) -> dict[str, str]:
-    """A random-initialized TokenFlow and teacher (smoke sizes), saved as step-0 checkpoints."""
+    """A random-initialized TokenFlow, teacher and Gumbel TokenFlow (smoke sizes) as step-0 checkpoints."""
     if not (SHARED_DATA / "tiny_shakespeare" / "input.txt").exists():
         pytest.skip(f"offline data folder not found at {SHARED_DATA}")
     root = tmp_path_factory.mktemp("workdirs")
-    dirs = {"flow": str(root / "flow"), "teacher": str(root / "teacher"), "data": str(SHARED_DATA)}
+    dirs = {name: str(root / name) for name in ("flow", "teacher", "gumbel")}
+    dirs["data"] = str(SHARED_DATA)
     _save_random_workdir("shakespeare_baseline", dirs["flow"], dirs["data"])
     _save_random_workdir("shakespeare_teacher", dirs["teacher"], dirs["data"])
+    _save_random_workdir("shakespeare_gumbel", dirs["gumbel"], dirs["data"], **{"teacher.checkpoint": dirs["teacher"]})
     return dirs
 
 
 def test_smoke_sweep_writes_table_csv_and_plot(tmp_path, workdirs):
-    flow_dir, teacher_dir = workdirs["flow"], workdirs["teacher"]
+    flow_dir, teacher_dir, gumbel_dir = workdirs["flow"], workdirs["teacher"], workdirs["gumbel"]
     out = str(tmp_path / "sweep")
-    argv = ["sweep", f"--models=flow={flow_dir},teacher={teacher_dir}", f"--scorer={teacher_dir}", "--steps=1,2",
+    models = f"--models=flow={flow_dir},gumbel={gumbel_dir},teacher={teacher_dir}"
+    argv = ["sweep", models, f"--scorer={teacher_dir}", "--steps=1,2",
             "--num_samples=4", "--batch_size=2", "--seed=0", f"--data_dir={workdirs['data']}", f"--out={out}"]
     assert evaluate.main(argv) == 0
     for name in ("sweep.md", "sweep.csv", "sweep.json", "sweep.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     rows = list(csv.DictReader(open(os.path.join(out, "sweep.csv"))))
     cells = {(r["model"], r["K"]) for r in rows}
-    assert cells == {("validation text", ""), ("flow", "1"), ("flow", "2"), ("teacher", "")}
+    assert cells == {("validation text", ""), ("flow", "1"), ("flow", "2"), ("gumbel", "1"), ("gumbel", "2"),
+                     ("teacher", "")}
+    assert {r["kind"] for r in rows} == {"data", "tokenflow", "gumbel", "teacher"}
     for r in rows:
         assert float(r["gen_ppl"]) > 1 and 0 <= float(r["entropy"]) <= math.log(15) + 1e-6
+        assert r["kind"] == "data" or math.isfinite(float(r["val_loss"]))
         assert r["num_samples"] == "4" and r["length"] == "15"  # the teacher's 16-slot context holds BOS + 15
     table = open(os.path.join(out, "sweep.md")).read()
     for fact in ("N = 4 samples", "15 tokens", "seed 0", "K = 1, 2", "time grid uniform", "sampling dtype float32"):
