@@ -27,9 +27,16 @@ def manager(workdir: str, keep: int, *, async_save: bool = True) -> ocp.Checkpoi
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
     )
+    # Remote folders (gs://bucket/run) go to orbax unchanged: it writes them through tensorstore/epath.
+    root = workdir if is_remote(workdir) else os.path.abspath(workdir)
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options, item_names=("state", "meta")
+        os.path.join(root, "checkpoints"), options=options, item_names=("state", "meta")
     )
+
+
+def is_remote(path: str) -> bool:
+    """gs://, s3://... paths: written with etils.epath (gcsfs for gs://), never with os/open."""
+    return "://" in str(path)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:

@@ -14,10 +14,21 @@ class MetricWriter:
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
+        self._remote: Any = None  # etils.epath.Path of metrics.jsonl for a gs:// workdir
+        self._remote_lines: list[str] = []
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if "://" in workdir:
+            # Cloud storage has no append: keep the lines and rewrite the (small) file at each write.
+            from etils import epath
+
+            self._remote = epath.Path(workdir) / "metrics.jsonl"
+            self._remote.parent.mkdir(parents=True, exist_ok=True)
+            if self._remote.exists():  # resumed run: keep the earlier lines
+                self._remote_lines = self._remote.read_text().splitlines(keepends=True)
+        else:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         try:
             from tensorboardX import SummaryWriter
 
@@ -29,8 +40,13 @@ class MetricWriter:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in scalars.items()}
-        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": step, "time": time.time(), **clean}) + "\n"
+        if self._remote is not None:
+            self._remote_lines.append(line)
+            self._remote.write_text("".join(self._remote_lines))
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()
         if self._tb is not None:
             for k, v in clean.items():
                 self._tb.add_scalar(k, v, step)

@@ -104,11 +104,13 @@ def _bundle(model: nnx.Module, config: Any, source: str, bos_fallback: int | Non
 
 def load_teacher_checkpoint(workdir: str) -> TeacherBundle:
     """Loads the newest checkpoint of one of our teacher runs (parameters only)."""
+    from etils import epath
+
     from discreteflow_jax import checkpoint as ckpt
     from discreteflow_jax.train import TrainState, make_optimizer
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    if not epath.Path(ckpt_dir).is_dir():  # also a gs:// teacher workdir
         raise ConfigError(
             f"no teacher checkpoint found: {ckpt_dir} does not exist. Train the teacher first:\n  {TEACHER_COMMAND}\n"
             "then pass --config.teacher.checkpoint=DIR"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -248,12 +247,13 @@ class Trainer:
             tokens = dist.to_host(self.task.sample_fn(self.graphdef, params, self.task.aux, key, k))
             texts[k] = [self.tokenizer.decode_until_eos(row.tolist()) for row in tokens]
         if self.process_index == 0:
-            path = os.path.join(self.workdir, "samples", f"step_{step:07d}.txt")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                for k, rows in texts.items():
-                    for j, text in enumerate(rows):
-                        f.write(f"=== step {step} K={k} sample {j} ===\n{text}\n\n")
+            from etils import epath  # local folders and gs:// alike
+
+            path = epath.Path(self.workdir) / "samples" / f"step_{step:07d}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            blocks = [f"=== step {step} K={k} sample {j} ===\n{text}\n\n"
+                      for k, rows in texts.items() for j, text in enumerate(rows)]
+            path.write_text("".join(blocks))
         return texts
 
     # -- loop ----------------------------------------------------------------------------------
