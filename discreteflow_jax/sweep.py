@@ -323,17 +323,22 @@ def markdown_tables(report: dict) -> str:
                 cells = [_fmt(by[(n, k)][key], digits) if (n, k) in by else "–" for n in names]
                 lines.append(f"| {k} | " + " | ".join(cells) + " |")
             lines.append("")
-    lines += ["**References and validation loss**", "",
-              "| model | kind | Gen-PPL | entropy | rep | val loss |", "|---|---|---:|---:|---:|---:|"]
+    lines += ["**Reference points** (sampled once, scored the same way)", "",
+              f"| reference | Gen-PPL | entropy | {rep} |", "|---|---:|---:|---:|"]
     for r in refs:
-        lines.append(f"| {r['model']} | {r['kind']} | {_fmt(r['gen_ppl'], 1)} | {_fmt(r['entropy'])} | "
-                     f"{_fmt(r[rep], 3)} | {_fmt(r.get('val_loss'), 3)} |")
-    for n in names:
-        r = next(x for x in flows if x["model"] == n)
-        lines.append(f"| {n} | {r['kind']}{' causal' if r.get('causal') else ''} | (above) | (above) | (above) | "
-                     f"{_fmt(r.get('val_loss'), 3)} |")
-    lines += ["", "val loss: each model's own validation objective (flow cross-entropy for flow models, "
-              "next-token NLL for teachers), the number training logs."]
+        what = "autoregressive teacher samples" if r["kind"] == "teacher" else "real validation windows"
+        lines.append(f"| {r['model']} ({what}) | {_fmt(r['gen_ppl'], 1)} | {_fmt(r['entropy'])} | "
+                     f"{_fmt(r[rep], 3)} |")
+    val = report.get("val_losses", {})
+    if val:
+        lines += ["", "**Validation loss** (each model's own objective: flow cross-entropy for flow models, the "
+                  "first t-bucket being where the network does the work; next-token NLL for teachers)", "",
+                  "| model | kind | val loss | val loss at t < 0.1 |", "|---|---|---:|---:|"]
+        kinds = {r["model"]: r["kind"] + (" causal" if r.get("causal") and r["kind"] != "teacher" else "")
+                 for r in rows}
+        for name, v in val.items():
+            lines.append(f"| {name} | {kinds.get(name, '')} | {_fmt(v.get('loss'), 3)} | "
+                         f"{_fmt(v.get('loss_t0.0-0.1'), 3)} |")
     return "\n".join(lines) + "\n"
 
 
