@@ -94,7 +94,13 @@ def _teacher_task(cfg: ExperimentConfig, **kwargs: Any) -> Task:
     return teacher_task(cfg, **kwargs)
 
 
-TASK_BUILDERS = {"tokenflow": tokenflow_task, "teacher": _teacher_task}
+def _gumbel_task(cfg: ExperimentConfig, **kwargs: Any) -> Task:
+    from discreteflow_jax.gumbel_task import gumbel_task
+
+    return gumbel_task(cfg, **kwargs)
+
+
+TASK_BUILDERS = {"tokenflow": tokenflow_task, "teacher": _teacher_task, "gumbel": _gumbel_task}
 
 
 def build_task(cfg: ExperimentConfig, **kwargs: Any) -> Task:

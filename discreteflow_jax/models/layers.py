@@ -130,7 +130,8 @@ class Attention(nnx.Module):
     """Multi-head (optionally grouped-query) attention with RoPE, causal masking, an optional
     key padding mask, and an optional KV cache for autoregressive decoding.
 
-    With ``rope_theta=None`` no rotary embedding is applied (GPT-2, cross-attention).
+    With ``rope_theta=None`` no rotary embedding is applied (GPT-2). In cross-attention with RoPE,
+    context entry j is treated as sitting at position j (a context aligned with the sequence).
     """
 
     def __init__(
@@ -179,9 +180,15 @@ class Attention(nnx.Module):
         offset = jnp.zeros((), jnp.int32) if cache is None else cache.index
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
-        if self.rope_theta is not None and context_BSE is None:
+        if self.rope_theta is not None:
+            k_positions = positions_BT
+            if context_BSE is not None:
+                # A position-aligned context (one entry per sequence position, e.g. Gumbel noise):
+                # keys rotate by their own index, so a head can find the entry at relative offset 0.
+                s_len = source.shape[1]
+                k_positions = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
             q = apply_rope(q, positions_BT, self.rope_theta)
-            k = apply_rope(k, positions_BT, self.rope_theta)
+            k = apply_rope(k, k_positions, self.rope_theta)
 
         new_cache = None
         if cache is not None:

@@ -118,9 +118,13 @@ class FlowBlock(nnx.Module):
         self.attn = Attention(d, cfg.num_heads, rngs=rngs, rope_theta=cfg.rope_theta, out_init_std=out_std, dtype=dtype)
         if cfg.cross_attention:
             self.cross_norm = RMSNorm(d, use_scale=False)
+            # The context (Gumbel noise) is aligned with the sequence. Without positions the layer
+            # would be invariant to permuting it and could not tell which noise belongs to which
+            # position: RoPE on queries and context keys, plus biases that give queries and keys a
+            # content-independent part, let a head attend by relative position alone.
             self.cross_attn = Attention(
-                d, cfg.num_heads, rngs=rngs, kv_dim=cfg.context_dim or d, rope_theta=None,
-                out_init_std=out_std, dtype=dtype,
+                d, cfg.num_heads, rngs=rngs, kv_dim=cfg.context_dim or d, rope_theta=cfg.rope_theta,
+                use_bias=True, out_init_std=out_std, dtype=dtype,
             )
         else:
             self.cross_norm = None

@@ -1,0 +1,38 @@
+"""Experiment 2.2: a TokenFlow distilled by Gumbel reflow from the experiment 2.1 LLaMA teacher on
+tiny_shakespeare (non-causal; causal with --config.causal=True).
+
+    python -m discreteflow_jax.main --config=configs/shakespeare_teacher.py --workdir=TEACHER_DIR
+    python -m discreteflow_jax.main --config=configs/shakespeare_gumbel.py --workdir=DIR \
+        --config.teacher.checkpoint=TEACHER_DIR
+
+Use the same variant for both commands: `:cpu` distills the `:cpu` teacher (LLaMA dim 256, 4 layers,
+ffn 1024, context 64) into a student of the `shakespeare_baseline.py:cpu` shape; `:smoke` (seconds,
+tests) distills the `:smoke` teacher.
+"""
+
+from discreteflow_jax.gumbel_task import add_gumbel_sections
+from discreteflow_jax.presets import apply_variant, tokenflow_defaults
+
+VARIANTS = {
+    "cpu": {
+        "model.dim": 256, "model.num_layers": 4, "model.num_heads": 4, "model.max_len": 64,
+        "data.seq_len": 64, "train.batch_size": 16, "train.grad_accum": 1, "train.num_steps": 1200,
+        "train.lr": 1e-3, "train.warmup_steps": 100, "train.log_every": 25, "train.eval_every": 300,
+        "train.ckpt_every": 300, "train.eval_batches": 4,
+    },
+    "smoke": {
+        "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 16,
+        "data.seq_len": 16, "train.batch_size": 8, "train.grad_accum": 2, "train.num_steps": 4,
+        "train.warmup_steps": 1, "train.log_every": 2, "train.eval_every": 4, "train.ckpt_every": 4,
+        "train.eval_batches": 1, "sample.num_samples": 2, "sample.eval_steps": (1, 4), "gumbel.chunk_size": 4,
+    },
+}
+
+
+def get_config(arg=None):
+    c = add_gumbel_sections(tokenflow_defaults())  # task, gumbel and teacher sections, untied output
+    c.gumbel.conditioning = "cross_attention"  # SPEC §10 (the original's Shakespeare Gumbel setting)
+    c.train.num_steps = 5000  # SPEC §1, experiment 2.2
+    c.train.warmup_steps = 500  # SPEC §10
+    c.teacher.checkpoint = ""  # required: --config.teacher.checkpoint=TEACHER_DIR (see above)
+    return apply_variant(c, arg, VARIANTS)

@@ -1,0 +1,467 @@
+"""Gumbel reflow (SPEC §6): the Gumbel prior, the exact posterior of the Gumbel noise given the
+token a teacher emitted, the reduction of that noise to what the student sees, and the loss and
+sampler of a Gumbel-conditioned TokenFlow. Pure functions of arrays, keys and modules.
+
+The teacher is a deterministic map from noise to text, ``x_i = argmax_v(ℓ_i,v + G_i,v)`` with
+``ℓ_i = log p_teacher(· | x_<i)`` and ``G_i`` i.i.d. standard Gumbel. Training pairs (G, x) come
+either from data (teacher forcing + exact posterior of G given x, ``source="data_posterior"``) or
+from the teacher run autoregressively on prior noise (``source="teacher_sample"``).
+
+Alignment: the log-probs that *predict* x_i are the teacher's output at position i of the input
+``[BOS] + x[:-1]`` (computed from x_<i). Pairing the teacher's output at the position of x_i itself
+(which predicts x_{i+1}) is the original code's off-by-one defect.
+
+What the student sees of G (``conditioning``):
+
+* ``"x0"``: the flow source is ``x0 = softmax(G/τ)·E``. The singular logits of the model still
+  assume a Gaussian source; they stay exact as t → 1 and the network logits absorb the mismatch
+  at small t, so the combination trains, but the Gaussian σ has no meaning for this source.
+* ``"cross_attention"``: x0 stays Gaussian and ``softmax(G)·E / embed_scale`` (O(1) per
+  coordinate, the scale at which x_t enters the residual stream) is the cross-attention context.
+
+E is the student's normalized embedding (what x1 = E[x] uses), so the noise lives in the same
+space as the data. By default the reduction is under ``stop_gradient``: E is trained by the flow
+target and the output layer only, and the backward pass needs none of the B×T×V softmax weights.
+``embed_grad=True`` lets the gradient flow through softmax(G)·E into E; the per-chunk weights are
+then recomputed in the backward pass (``jax.checkpoint``) rather than stored.
+
+Memory: G is B×T×V. It is never materialized whole: the sequence is cut into chunks of positions
+and, for each chunk, the teacher output head, log-softmax, posterior sampling and the reduction
+softmax(G/τ)·E run together (``lax.map``), leaving only [B, chunk, V] temporaries and the
+[B, T, d] result. Noise is drawn from one key per position, so results do not depend on the chunk
+size (the unfused reference in the tests draws the very same numbers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from discreteflow_jax import flow
+from discreteflow_jax.config import ConfigError
+from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
+from discreteflow_jax.teacher import teacher_inputs  # [BOS] + x[:-1]: output i predicts x_i
+
+CONDITIONINGS = ("x0", "cross_attention")
+SOURCES = ("data_posterior", "teacher_sample")
+
+# Log-probabilities below this are treated as equal to it: a token this unlikely never wins an
+# argmax, and a finite floor keeps M − ℓ finite when a teacher assigns exactly zero (−inf).
+LOGP_FLOOR = -1e4
+# Target size (elements) of one chunk's [B, chunk, V] temporaries when chunk_size = 0.
+AUTO_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclasses.dataclass(frozen=True)
+class GumbelConfig:
+    conditioning: str = "cross_attention"  # "x0" | "cross_attention"
+    source: str = "data_posterior"  # "data_posterior" | "teacher_sample"
+    tau: float = 1.0  # temperature of softmax(G/τ) in the reduction of G to the student's input
+    sample_temperature: float = 1.0  # scales the prior G at sampling time (< 1: closer to greedy)
+    chunk_size: int = 0  # positions per chunk of the fused G reduction; 0 = automatic
+    embed_grad: bool = False  # gradient through softmax(G)·E into the student embedding
+
+
+def parse_gumbel_config(section: Mapping[str, Any] | None) -> GumbelConfig:
+    """Validates a plain ``gumbel`` config section. Raises ConfigError with the field to fix."""
+    section = dict(section or {})
+    fields = {f.name for f in dataclasses.fields(GumbelConfig)}
+    unknown = sorted(set(section) - fields)
+    if unknown:
+        raise ConfigError(
+            f"config.gumbel has unknown field(s) {unknown}; valid fields are: {', '.join(sorted(fields))}"
+        )
+    g = GumbelConfig(**section)
+    for name, valid in (("conditioning", CONDITIONINGS), ("source", SOURCES)):
+        if getattr(g, name) not in valid:
+            raise ConfigError(
+                f"config.gumbel.{name}={getattr(g, name)!r} is not a valid choice; use one of: "
+                f"{', '.join(repr(v) for v in valid)}"
+            )
+    if not g.tau > 0:
+        # softmax(G/τ) is undefined at τ = 0 and inverts the noise for τ < 0.
+        raise ConfigError(f"config.gumbel.tau must be > 0 (1 = the original), got {g.tau}")
+    if not g.sample_temperature > 0:
+        raise ConfigError(f"config.gumbel.sample_temperature must be > 0 (1 = no change), got {g.sample_temperature}")
+    if not isinstance(g.chunk_size, int) or isinstance(g.chunk_size, bool) or g.chunk_size < 0:
+        raise ConfigError(f"config.gumbel.chunk_size must be an integer >= 0 (0 = automatic), got {g.chunk_size!r}")
+    return g
+
+
+def student_config(model: TokenFlowConfig, gumbel: GumbelConfig) -> TokenFlowConfig:
+    """The TokenFlow config the Gumbel conditioning needs: cross-attention layers exist exactly when
+    ``conditioning == "cross_attention"`` (the gumbel section decides, so it always reaches the model)."""
+    wants = gumbel.conditioning == "cross_attention"
+    if model.cross_attention and not wants:
+        raise ConfigError(
+            "config.model.cross_attention=True but config.gumbel.conditioning='x0' does not use cross-attention; "
+            "leave model.cross_attention=False (the gumbel section sets it) or use conditioning='cross_attention'"
+        )
+    if model.context_dim not in (0, model.dim):
+        raise ConfigError(
+            f"config.model.context_dim={model.context_dim}: the Gumbel context softmax(G)·E has the student's width "
+            f"{model.dim}; set context_dim=0"
+        )
+    return dataclasses.replace(model, cross_attention=wants, context_dim=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise: prior and exact posterior
+
+
+def position_key(key: jax.Array, position: jax.Array | int) -> jax.Array:
+    """The key of one sequence position: every draw for position i derives from it."""
+    return jax.random.fold_in(key, position)
+
+
+def prior_draw(key: jax.Array, position: jax.Array | int, batch: int, vocab: int) -> jax.Array:
+    """Standard Gumbel noise of one position, [B, V] fp32 (also ξ of the posterior)."""
+    return jax.random.gumbel(position_key(key, position), (batch, vocab), jnp.float32)
+
+
+def max_draw(key: jax.Array, position: jax.Array | int, batch: int) -> jax.Array:
+    """M ~ Gumbel(0) of one position, [B] fp32: the perturbed value of the observed token."""
+    return jax.random.gumbel(jax.random.fold_in(position_key(key, position), 1), (batch,), jnp.float32)
+
+
+def chunk_draws(key: jax.Array, positions: jax.Array, batch: int, vocab: int) -> tuple[jax.Array, jax.Array]:
+    """(ξ [B, C, V], M [B, C]) for the given positions; identical to drawing them one by one."""
+    xi = jax.vmap(lambda p: prior_draw(key, p, batch, vocab), out_axes=1)(positions)
+    m = jax.vmap(lambda p: max_draw(key, p, batch), out_axes=1)(positions)
+    return xi, m
+
+
+def log_probs(logits: jax.Array) -> jax.Array:
+    """ℓ = log_softmax in fp32 (also for bf16 logits), floored at LOGP_FLOOR."""
+    return jnp.maximum(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), LOGP_FLOOR)
+
+
+def posterior_from_draws(logp: jax.Array, tokens: jax.Array, xi: jax.Array, m: jax.Array) -> jax.Array:
+    """Exact posterior Gumbel noise given ``argmax(ℓ + G) == tokens`` (top-down construction).
+
+    ``logp`` [..., V] is the normalized fp32 log-probability ℓ (see ``log_probs``), ``tokens`` [...]
+    the observed ids, ``xi`` [..., V] and ``m`` [...] independent standard Gumbel draws. The
+    observed token gets ``g = M − ℓ_x`` (its perturbed value is the maximum M, which is Gumbel(0)
+    because ℓ is normalized); every other v gets ``g_v = −logaddexp(−ξ_v, ℓ_v − M)``, i.e.
+    ℓ_v + g_v is Gumbel(ℓ_v) truncated below M. Returns g [..., V] fp32.
+
+    Tie safety: mathematically ℓ_v + g_v < M; in fp32 the sum can round up to (or past) the
+    observed value when ℓ_v + g_v is within an ulp of M, which happens for about one coordinate in
+    10⁷. Such g_v are pushed down by a few ulps so that, evaluated in fp32 exactly as a caller
+    would (``logp + g``), the observed token is the strict and unique argmax.
+    """
+    logp = logp.astype(jnp.float32)
+    is_obs = jax.lax.broadcasted_iota(jnp.int32, logp.shape, logp.ndim - 1) == tokens[..., None]
+    l_obs = jnp.take_along_axis(logp, tokens[..., None], axis=-1)
+    m = m.astype(jnp.float32)[..., None]
+    g_obs = m - l_obs
+    top = l_obs + g_obs  # the observed perturbed value as fp32 evaluates ℓ + g (≈ M)
+    g_rest = -jnp.logaddexp(-xi.astype(jnp.float32), logp - m)
+    eps = jnp.finfo(jnp.float32).eps
+    margin = 4.0 * eps * (jnp.abs(top) + jnp.abs(logp) + 1.0)  # exceeds the rounding of both sums
+    excess = logp + g_rest - top  # >= 0 exactly where fp32 rounding broke the strict order
+    g_rest = jnp.where(excess < 0, g_rest, g_rest - excess - margin)
+    return jnp.where(is_obs, g_obs, g_rest)
+
+
+def sample_posterior(key: jax.Array, logp_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+    """Posterior noise for a whole [B, T, V] block at once (the unfused reference; tests)."""
+    b, t, v = logp_BTV.shape
+    xi, m = chunk_draws(key, jnp.arange(t), b, v)
+    return posterior_from_draws(logp_BTV, tokens_BT, xi, m)
+
+
+def sample_prior(key: jax.Array, batch: int, seq_len: int, vocab: int) -> jax.Array:
+    """Prior noise [B, T, V], the same numbers the chunked code draws (reference; tests)."""
+    return chunk_draws(key, jnp.arange(seq_len), batch, vocab)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Teachers
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherFns:
+    """A teacher split at its output head, so the head can run chunk by chunk over positions.
+
+    hidden(tokens [B, T]) -> features [B, T, ·]; head(features [B, C, ·]) -> fp32 logits [B, C, V].
+    ``head(hidden(x))`` equals the teacher's forward ``model(x)``.
+    """
+
+    hidden: Callable[[jax.Array], jax.Array]
+    head: Callable[[jax.Array], jax.Array]
+
+
+def teacher_fns(model: Any) -> TeacherFns:
+    """Splits a Llama or GPT2 teacher before its final norm + output projection (``_logits``);
+    any other callable ``model(tokens) -> logits`` is used whole (then the full B×T×V teacher
+    logits exist once; the rest of the reduction is still chunked)."""
+    from discreteflow_jax.models.gpt2 import GPT2
+    from discreteflow_jax.models.llama import Llama
+
+    if isinstance(model, Llama):
+
+        def llama_hidden(tokens_BT: jax.Array) -> jax.Array:
+            x = model.embed(tokens_BT)
+            for layer in model.layers:
+                x, _ = layer(x, positions_BT=None, key_mask_BS=None)
+            return x
+
+        return TeacherFns(llama_hidden, model._logits)
+    if isinstance(model, GPT2):
+
+        def gpt2_hidden(tokens_BT: jax.Array) -> jax.Array:
+            x = model._embed(tokens_BT, None, 0)
+            for layer in model.layers:
+                x, _ = layer(x, key_mask_BS=None)
+            return x
+
+        return TeacherFns(gpt2_hidden, model._logits)
+    return TeacherFns(lambda tokens: model(tokens).astype(jnp.float32), lambda logits: logits)
+
+
+def teacher_sample_tokens(
+    model: Any, key: jax.Array, batch: int, seq_len: int, bos_id: int, vocab: int
+) -> tuple[jax.Array, jax.Array]:
+    """The teacher run on prior noise: ``x_i = argmax(ℓ_i + G_i)`` with a KV cache and
+    G_i = ``prior_draw(key, i)`` (so ``prior_context`` with the same key rebuilds the matching
+    noise). Exact coupling without data. One ``lax.scan`` of T − 1 cached decode steps.
+    Returns (tokens [B, T], teacher NLL −ℓ_i(x_i) [B, T])."""
+
+    def pick(logits_BV: jax.Array, i: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logp = log_probs(logits_BV)
+        x = jnp.argmax(logp + prior_draw(key, i, batch, vocab), axis=-1).astype(jnp.int32)
+        return x, -jnp.take_along_axis(logp, x[:, None], axis=-1)[:, 0]
+
+    cache = model.init_cache(batch, seq_len)
+    logits, cache = model.decode(jnp.full((batch, 1), bos_id, jnp.int32), cache)
+    first, first_nll = pick(logits[:, 0], jnp.zeros((), jnp.int32))
+    if seq_len == 1:
+        return first[:, None], first_nll[:, None]
+
+    def step(carry, i):
+        prev, cache = carry
+        logits, cache = model.decode(prev[:, None], cache)
+        nxt, nll = pick(logits[:, 0], i)
+        return (nxt, cache), (nxt, nll)
+
+    _, (rest, rest_nll) = jax.lax.scan(step, (first, cache), jnp.arange(1, seq_len))
+    tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
+    return tokens, jnp.concatenate([first_nll[:, None], rest_nll.T], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused reduction of G to [B, T, d]
+
+
+def resolve_chunk(seq_len: int, batch: int, vocab: int, chunk_size: int = 0) -> int:
+    """Positions per chunk: the largest divisor of seq_len not above ``chunk_size`` (0: the largest
+    one whose [B, C, V] temporaries stay under AUTO_CHUNK_ELEMENTS)."""
+    limit = chunk_size if chunk_size > 0 else max(AUTO_CHUNK_ELEMENTS // max(batch * vocab, 1), 1)
+    limit = min(limit, seq_len)
+    return max(c for c in range(1, limit + 1) if seq_len % c == 0)
+
+
+def reduce_noise(g: jax.Array, emb_VD: jax.Array, tau: float) -> jax.Array:
+    """softmax(G/τ)·E: [..., V] noise -> [..., d] (fp32)."""
+    return jnp.einsum("...v,vd->...d", jax.nn.softmax(g.astype(jnp.float32) / tau, axis=-1), emb_VD)
+
+
+def chunked_context(
+    noise_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
+    emb_VD: jax.Array,
+    *,
+    seq_len: int,
+    chunk: int,
+    tau: float,
+    remat: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Runs ``softmax(noise/τ)·E`` over chunks of positions, one ``lax.map`` iteration per chunk.
+
+    ``noise_fn(start, positions)`` gives (noise [B, C, V], a per-position statistic [B, C]) for
+    positions start..start+C−1. Returns ([B, T, d], [B, T]). With ``remat`` a chunk is recomputed
+    in the backward pass instead of keeping its softmax weights.
+    """
+    if seq_len % chunk:
+        raise ValueError(f"chunk={chunk} must divide seq_len={seq_len}")
+
+    def one(ci: jax.Array) -> tuple[jax.Array, jax.Array]:
+        start = ci * chunk
+        noise, stat = noise_fn(start, start + jnp.arange(chunk))
+        return reduce_noise(noise, emb_VD, tau), stat
+
+    if remat:
+        one = jax.checkpoint(one, policy=jax.checkpoint_policies.nothing_saveable)
+    out, stat = jax.lax.map(one, jnp.arange(seq_len // chunk))  # [n, B, C, d], [n, B, C]
+    n, b, c, d = out.shape
+    return out.transpose(1, 0, 2, 3).reshape(b, n * c, d), stat.transpose(1, 0, 2).reshape(b, n * c)
+
+
+def posterior_context(
+    fns: TeacherFns,
+    tokens_BT: jax.Array,
+    key: jax.Array,
+    emb_VD: jax.Array,
+    *,
+    bos_id: int,
+    tau: float,
+    chunk: int,
+    remat: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """softmax(G/τ)·E [B, T, d] with G the exact posterior given the data tokens, fused per chunk:
+    teacher head -> log-softmax -> posterior -> reduction; and the teacher's NLL of the data
+    tokens [B, T] (a check of the alignment: a mis-paired teacher would find the data unlikely).
+    The teacher gets no gradient."""
+    b, t = tokens_BT.shape
+    h = jax.lax.stop_gradient(fns.hidden(teacher_inputs(tokens_BT, bos_id)))
+
+    def noise_fn(start: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h_c = jax.lax.dynamic_slice_in_dim(h, start, positions.shape[0], axis=1)
+        tok_c = jax.lax.dynamic_slice_in_dim(tokens_BT, start, positions.shape[0], axis=1)
+        logp = jax.lax.stop_gradient(log_probs(fns.head(h_c)))
+        xi, m = chunk_draws(key, positions, b, logp.shape[-1])
+        nll = -jnp.take_along_axis(logp, tok_c[..., None], axis=-1)[..., 0]
+        return posterior_from_draws(logp, tok_c, xi, m), nll
+
+    return chunked_context(noise_fn, emb_VD, seq_len=t, chunk=chunk, tau=tau, remat=remat)
+
+
+def prior_context(
+    key: jax.Array,
+    emb_VD: jax.Array,
+    *,
+    batch: int,
+    seq_len: int,
+    tau: float,
+    chunk: int,
+    remat: bool = False,
+    scale: float = 1.0,
+) -> jax.Array:
+    """softmax(scale·G/τ)·E [B, T, d] with G from the prior (no teacher)."""
+    vocab = emb_VD.shape[0]
+
+    def noise_fn(start: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        xi = jax.vmap(lambda p: prior_draw(key, p, batch, vocab), out_axes=1)(positions)
+        return scale * xi, jnp.zeros((batch, positions.shape[0]), jnp.float32)
+
+    return chunked_context(noise_fn, emb_VD, seq_len=seq_len, chunk=chunk, tau=tau, remat=remat)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Student loss and sampler
+
+
+def student_inputs(
+    model: TokenFlow, context_BTD: jax.Array, gumbel: GumbelConfig
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """(x0, cross-attention context) for a reduced noise softmax(G/τ)·E. x0 None: Gaussian."""
+    if gumbel.conditioning == "x0":
+        return context_BTD, None
+    # The residual stream reads x_t / embed_scale; the context gets the same O(1) scale.
+    return None, context_BTD / model.cfg.embed_scale_value
+
+
+def gumbel_pairs(
+    model: TokenFlow,
+    teacher: Any,
+    tokens_BT: jax.Array,
+    key: jax.Array,
+    gumbel: GumbelConfig,
+    *,
+    bos_id: int,
+    source: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(target tokens [B, T], softmax(G/τ)·E [B, T, d], teacher NLL of the targets [B, T]) of one
+    batch, from ``source`` (default: the configured one). ``teacher_sample`` ignores the data
+    tokens except for their shape."""
+    source = source or gumbel.source
+    b, t = tokens_BT.shape
+    emb = model.embeddings()
+    if not gumbel.embed_grad:
+        emb = jax.lax.stop_gradient(emb)
+    chunk = resolve_chunk(t, b, emb.shape[0], gumbel.chunk_size)
+    remat = gumbel.embed_grad
+    if source == "data_posterior":
+        ctx, nll = posterior_context(
+            teacher_fns(teacher), tokens_BT, key, emb, bos_id=bos_id, tau=gumbel.tau, chunk=chunk, remat=remat
+        )
+        return tokens_BT, ctx, nll
+    if source == "teacher_sample":
+        tokens, nll = jax.lax.stop_gradient(teacher_sample_tokens(teacher, key, b, t, bos_id, emb.shape[0]))
+        ctx = prior_context(key, emb, batch=b, seq_len=t, tau=gumbel.tau, chunk=chunk, remat=remat)
+        return tokens, ctx, nll
+    raise ValueError(f"unknown Gumbel source {source!r}; valid: {', '.join(SOURCES)}")
+
+
+def gumbel_flow_loss(
+    model: TokenFlow,
+    teacher: Any,
+    tokens_BT: jax.Array,
+    mask_BT: jax.Array,
+    key: jax.Array,
+    gumbel: GumbelConfig,
+    *,
+    bos_id: int,
+    source: str | None = None,
+    **flow_kwargs: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The Gumbel reflow loss: teacher pass, posterior (or teacher sampling), reduction of G and
+    the student's flow loss. ``flow_kwargs`` go to ``flow.flow_loss`` (time sampler, buckets, t_B).
+    Metrics are those of ``flow_loss`` plus ``teacher_nll_sum`` (the teacher's NLL of the targets)."""
+    noise_key, flow_key = jax.random.split(key)
+    tokens, ctx, nll = gumbel_pairs(model, teacher, tokens_BT, noise_key, gumbel, bos_id=bos_id, source=source)
+    x0, context = student_inputs(model, ctx, gumbel)
+    loss, metrics = flow.flow_loss(model, tokens, mask_BT, flow_key, x0=x0, context=context, **flow_kwargs)
+    metrics["teacher_nll_sum"] = jnp.sum(nll * mask_BT.astype(jnp.float32))
+    return loss, metrics
+
+
+def gumbel_source(
+    model: TokenFlow, key: jax.Array, batch: int, seq_len: int, gumbel: GumbelConfig
+) -> tuple[jax.Array, jax.Array | None]:
+    """(x0, context) for sampling: G from the prior (scaled by ``sample_temperature``); no teacher."""
+    g_key, x0_key = jax.random.split(key)
+    emb = model.embeddings()
+    chunk = resolve_chunk(seq_len, batch, emb.shape[0], gumbel.chunk_size)
+    ctx = prior_context(
+        g_key, emb, batch=batch, seq_len=seq_len, tau=gumbel.tau, chunk=chunk, scale=gumbel.sample_temperature
+    )
+    x0, context = student_inputs(model, ctx, gumbel)
+    if x0 is None:
+        x0 = flow.gaussian_source(x0_key, batch, seq_len, model)
+    return x0, context
+
+
+def sample_gumbel_flow(
+    model: TokenFlow,
+    key: jax.Array,
+    grid: jax.Array,
+    gumbel: GumbelConfig,
+    *,
+    batch: int,
+    seq_len: int,
+    temperature: float = 1.0,
+) -> jax.Array:
+    """Tokens [B, T] from a Gumbel-conditioned TokenFlow in ``len(grid) − 1`` flow steps (any K ≥ 1)."""
+    x0, context = gumbel_source(model, key, batch, seq_len, gumbel)
+    return flow.sample_flow(model, x0, grid, context=context, temperature=temperature)[0]
+
+
+def make_sampler(
+    graphdef: nnx.GraphDef, gumbel: GumbelConfig, *, batch: int, seq_len: int, steps: int, schedule: str = "uniform",
+    schedule_param: float = 2.0, temperature: float = 1.0,
+) -> Callable[[Any, jax.Array], jax.Array]:
+    """A jitted ``(params, key) -> tokens`` sampler for K = ``steps``."""
+    grid = flow.time_grid(steps, schedule, schedule_param)
+
+    def run(params: Any, key: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, params)
+        return sample_gumbel_flow(model, key, grid, gumbel, batch=batch, seq_len=seq_len, temperature=temperature)
+
+    return jax.jit(run)
+

@@ -1,0 +1,186 @@
+"""The ``gumbel`` task (experiments 2.2 and 3.2): a TokenFlow student distilled from a frozen
+autoregressive teacher by Gumbel reflow (see ``discreteflow_jax.gumbel``).
+
+Config sections read here (plain dicts in ``ExperimentConfig.extra``):
+
+* ``gumbel``: parsed by ``gumbel.parse_gumbel_config`` (conditioning, source, tau, ...);
+* ``teacher``: passed to ``teacher.load_teacher`` (``checkpoint`` = a workdir of our teacher run,
+  or ``hf`` = a Hugging Face id / local HF directory, ``dtype`` = its compute dtype).
+
+The teacher's parameters are the task's ``aux``: placed on the mesh once, passed to every jitted
+step, never differentiated (``stop_gradient``), never in the optimizer state.
+
+Everything that can be wrong with the combination (teacher missing or of the wrong kind, its
+vocabulary or context length not matching the student, an untrainable Gumbel setting) is
+reported before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from discreteflow_jax import gumbel as gmb
+from discreteflow_jax import sharding as shd
+from discreteflow_jax.config import ConfigError, ExperimentConfig
+from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
+from discreteflow_jax.train import Task
+
+log = logging.getLogger("discreteflow_jax")
+
+TEACHER_KINDS = ("llama", "gpt2")
+
+
+def add_gumbel_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Turns a TokenFlow config (``presets.tokenflow_defaults()``) into a Gumbel reflow config:
+    task, the ``gumbel`` and ``teacher`` sections (every field commented), untied output (SPEC §10)."""
+    c.task = "gumbel"
+    c.model.tie_embeddings = False  # SPEC §10: the Gumbel students use an untied output projection
+
+    c.gumbel = ml_collections.ConfigDict()
+    # How the student sees G: "cross_attention" (Gaussian x0, softmax(G)·E as a position-aligned
+    # cross-attention context; the model gets cross-attention layers) | "x0" (softmax(G/τ)·E is x0).
+    c.gumbel.conditioning = "cross_attention"
+    # Where (G, x) pairs come from: "data_posterior" (data + one teacher pass + exact posterior of G)
+    # | "teacher_sample" (G from the prior, x decoded by the teacher with a KV cache; no data needed).
+    c.gumbel.source = "data_posterior"
+    c.gumbel.tau = 1.0  # τ in softmax(G/τ)·E (> 0; 1 = the original)
+    c.gumbel.sample_temperature = 1.0  # G is scaled by this when sampling (< 1: closer to greedy)
+    c.gumbel.chunk_size = 0  # positions per chunk of the fused teacher-head/posterior/reduction; 0 = auto
+    c.gumbel.embed_grad = False  # gradient through softmax(G)·E into the student embedding (recomputes chunks)
+
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.checkpoint = ""  # workdir of our teacher run (configs/shakespeare_teacher.py); or set hf
+    c.teacher.hf = ""  # Hugging Face id (e.g. "gpt2") or local HF directory; or set checkpoint
+    c.teacher.dtype = "float32"  # teacher compute dtype in the step: float32 | bfloat16 (params stay fp32)
+    return c
+
+
+def load_teacher_bundle(cfg: ExperimentConfig) -> Any:
+    """The teacher named by ``config.teacher`` (a ``teacher.TeacherBundle``)."""
+    from discreteflow_jax.teacher import load_teacher
+
+    return load_teacher(dict(cfg.extra.get("teacher") or {}), data_dir=cfg.data.data_dir or None)
+
+
+def check_teacher(teacher: Any, student: TokenFlowConfig, seq_len: int) -> None:
+    """Raises ConfigError when the teacher cannot drive this student."""
+    source = getattr(teacher, "source", "the teacher")
+    if teacher.kind not in TEACHER_KINDS:
+        raise ConfigError(
+            f"{source} is a {teacher.kind!r} model; Gumbel reflow needs one of: {', '.join(TEACHER_KINDS)}"
+        )
+    if teacher.vocab_size != student.vocab_size:
+        # G has one coordinate per teacher token and softmax(G)·E uses the student's embedding rows.
+        raise ConfigError(
+            f"the teacher ({source}) has a vocabulary of {teacher.vocab_size} tokens but the student has "
+            f"config.model.vocab_size={student.vocab_size}; the student must use the teacher's tokenizer "
+            f"(config.data.tokenizer) and vocabulary"
+        )
+    if teacher.max_len < seq_len:
+        raise ConfigError(
+            f"the teacher ({source}) handles at most {teacher.max_len} tokens but config.data.seq_len={seq_len}; "
+            f"shorten --config.data.seq_len to <= {teacher.max_len}"
+        )
+    if teacher.bos_id is None or not 0 <= teacher.bos_id < teacher.vocab_size:
+        raise ConfigError(f"the teacher ({source}) has no valid BOS token id (got {teacher.bos_id!r})")
+
+
+def teacher_graphdef(teacher: Any, dtype: str | None) -> Any:
+    """The teacher's graph, with its compute dtype replaced when ``dtype`` differs (parameters
+    stay fp32; e.g. a bf16 teacher forward from an fp32 checkpoint)."""
+    if not dtype or dtype == teacher.config.dtype:
+        return teacher.graphdef
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config.teacher.dtype={dtype!r} is not a valid choice; use float32 or bfloat16")
+    from discreteflow_jax.models.gpt2 import GPT2
+    from discreteflow_jax.models.llama import Llama
+
+    config = dataclasses.replace(teacher.config, dtype=dtype)
+    cls = GPT2 if teacher.kind == "gpt2" else Llama
+    return nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))[0]
+
+
+def summarize_gumbel(sums: dict, prefix: str, num_buckets: int) -> dict[str, float]:
+    from discreteflow_jax.tasks import summarize_flow
+
+    out = summarize_flow(sums, prefix, num_buckets)
+    if "teacher_nll_sum" in sums:
+        out[f"{prefix}/teacher_nll"] = float(sums["teacher_nll_sum"]) / max(float(sums["tokens"]), 1.0)
+    return out
+
+
+def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
+    """Gumbel reflow task. ``teacher`` (a ``TeacherBundle``) overrides ``config.teacher`` (tests,
+    benchmarks with random teachers)."""
+    from discreteflow_jax.tasks import stratified_times  # lazy: tasks.py registers this builder
+
+    gcfg = gmb.parse_gumbel_config(cfg.extra.get("gumbel"))
+    student = gmb.student_config(cfg.model, gcfg)
+    if gcfg.conditioning == "x0" and student.singular_logits:
+        log.info(
+            "gumbel.conditioning='x0': the singular logits assume a Gaussian source; the network logits "
+            "absorb the mismatch (set --config.model.singular_logits=False to drop them)"
+        )
+    if teacher is None:
+        teacher = load_teacher_bundle(cfg)
+    check_teacher(teacher, student, cfg.data.seq_len)
+    t_graphdef = teacher_graphdef(teacher, (cfg.extra.get("teacher") or {}).get("dtype"))
+    bos = int(teacher.bos_id)
+    mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    # Not strict: a teacher dimension the mesh does not divide (GPT-2's 50257) is replicated.
+    aux, aux_shardings = shd.shard_params(teacher.params, mesh)
+    fc = cfg.flow
+
+    def create_model(rngs: nnx.Rngs) -> TokenFlow:
+        return TokenFlow(student, rngs=rngs)
+
+    def frozen_teacher(aux: Any) -> nnx.Module:
+        return nnx.merge(t_graphdef, jax.lax.stop_gradient(aux))
+
+    def loss_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):
+        mask = jnp.ones(tokens.shape, jnp.float32)
+        return gmb.gumbel_flow_loss(
+            model, frozen_teacher(aux), tokens, mask, key, gcfg, bos_id=bos, time_sampler=fc.time_sampler,
+            time_param=fc.time_param, num_buckets=fc.num_buckets,
+        )
+
+    def eval_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):
+        # Validation always pairs held-out text with its exact posterior noise (also for
+        # source="teacher_sample"): how well the student realizes the teacher's map on real text.
+        mask = jnp.ones(tokens.shape, jnp.float32)
+        t = stratified_times(jax.random.fold_in(key, 1), tokens.shape[0])
+        return gmb.gumbel_flow_loss(
+            model, frozen_teacher(aux), tokens, mask, key, gcfg, bos_id=bos, source="data_posterior",
+            num_buckets=fc.num_buckets, t_B=t,
+        )[1]
+
+    samplers: dict[int, Any] = {}
+
+    def sample_fn(graphdef: Any, params: Any, aux: Any, key: jax.Array, steps: int) -> jax.Array:
+        del aux  # G comes from the prior: sampling needs no teacher
+        if steps not in samplers:
+            samplers[steps] = gmb.make_sampler(
+                graphdef, gcfg, batch=cfg.sample.num_samples, seq_len=cfg.data.seq_len, steps=steps,
+                schedule=cfg.sample.schedule, schedule_param=cfg.sample.schedule_param,
+                temperature=cfg.sample.temperature,
+            )
+        return samplers[steps](params, key)
+
+    return Task(
+        name="gumbel",
+        create_model=create_model,
+        loss_fn=loss_fn,
+        eval_fn=eval_fn,
+        summarize=lambda sums, prefix: summarize_gumbel(sums, prefix, fc.num_buckets),
+        sample_fn=sample_fn,
+        aux=aux,
+        aux_shardings=aux_shardings,
+    )
+
