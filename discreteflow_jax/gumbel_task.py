@@ -119,7 +119,7 @@ def summarize_gumbel(sums: dict, prefix: str, num_buckets: int) -> dict[str, flo
 def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
     """Gumbel reflow task. ``teacher`` (a ``TeacherBundle``) overrides ``config.teacher`` (tests,
     benchmarks with random teachers)."""
-    from discreteflow_jax.tasks import stratified_times  # lazy: tasks.py registers this builder
+    from discreteflow_jax.tasks import known_positions, stratified_times  # lazy: tasks.py registers this builder
 
     gcfg = gmb.parse_gumbel_config(cfg.extra.get("gumbel"))
     student = gmb.student_config(cfg.model, gcfg)
@@ -148,7 +148,7 @@ def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
         mask = jnp.ones(tokens.shape, jnp.float32)
         return gmb.gumbel_flow_loss(
             model, frozen_teacher(aux), tokens, mask, key, gcfg, bos_id=bos, time_sampler=fc.time_sampler,
-            time_param=fc.time_param, num_buckets=fc.num_buckets,
+            time_param=fc.time_param, num_buckets=fc.num_buckets, known_BT=known_positions(fc, tokens.shape, key),
         )
 
     def eval_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):

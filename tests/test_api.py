@@ -286,6 +286,33 @@ def test_flow_loss_with_known_positions_keeps_them_clean_and_unscored():
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
 
 
+def test_gumbel_task_trains_with_known_positions():
+    pytest.importorskip("discreteflow_jax.gumbel")
+    from discreteflow_jax.gumbel_task import add_gumbel_sections, gumbel_task
+    from discreteflow_jax.models.llama import Llama, LlamaConfig
+    from discreteflow_jax.presets import tokenflow_defaults
+    from discreteflow_jax.teacher import TeacherBundle
+
+    c = add_gumbel_sections(tokenflow_defaults())
+    c.model.vocab_size, c.model.dim, c.model.num_layers, c.model.num_heads, c.model.max_len = 40, 16, 1, 2, 8
+    c.data.seq_len = 8
+    c.flow.condition_prob = 1.0
+    cfg = parse_config(c)
+    teacher_cfg = LlamaConfig(vocab_size=40, dim=16, num_layers=1, num_heads=2, ffn_hidden=32, max_len=8, bos_id=1)
+    graphdef, state = nnx.split(Llama(teacher_cfg, rngs=nnx.Rngs(0)))
+    bundle = TeacherBundle(graphdef=graphdef, params=nnx.to_pure_dict(state), config=teacher_cfg, kind="llama",
+                           bos_id=1, vocab_size=40, max_len=8, source="test teacher")
+    task = gumbel_task(cfg, teacher=bundle)
+    s_graphdef, s_params = nnx.split(task.create_model(nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(0), (4, 8), 0, 40)
+    key = jax.random.key(1)
+    _, metrics = jax.jit(lambda p: task.loss_fn(nnx.merge(s_graphdef, p), task.aux, tokens, key))(s_params)
+    from discreteflow_jax.tasks import known_positions
+
+    known = known_positions(cfg.flow, (4, 8), key)
+    assert float(metrics["tokens"]) == float((~known).sum()) < 32  # known positions are not scored
+
+
 def test_random_known_mask():
     key = jax.random.key(0)
     assert not bool(flow.random_known_mask(key, 64, 16, 0.0).any())
