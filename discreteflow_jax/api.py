@@ -10,14 +10,20 @@ or filling blanks of a template), and score text.
 Conditional generation (flow models). The sampler integrates every position, and known positions
 are overwritten before each step, in one of two ways (``condition=``):
 
-* ``"path"`` (default): known positions are held on their own noise path,
-  ``x_t = t·e_known + (1−t)·x0`` with the same x0 the sampler started from. The network sees the
-  kind of input it was trained on (every position at the same noise level), and the singular term
-  already identifies the known tokens from about t≈0.3 on.
-* ``"clamp"``: known positions are set to the clean embedding ``e_known`` at every step. This is
-  the input a model trained with ``flow.condition_prob > 0`` sees for its known spans; for a model
-  trained without it, clean positions among noisy ones are out of distribution.
+* ``"clamp"`` (default): known positions are set to their clean embedding ``e_known`` at every
+  step, so the network sees them fully from the first step on. This is exactly the input a model
+  trained with ``flow.condition_prob > 0`` sees at its known spans.
+* ``"path"``: known positions are held on their own noise path, ``x_t = t·e_known + (1−t)·x0``
+  with the same x0 the sampler started from: the input distribution of unconditional training,
+  but a known token then carries only as much evidence as a noisy position at time t, so free
+  positions commit to a continuation before the known tokens can steer them.
 
+Measured (``benchmarks/conditional_toy.py``: counting sequences, V = 11, T = 8, 32 steps, 200
+rows; fraction of generated tokens right with 1 / 2 / 4 known positions): the exact posterior of
+the data (the best an unconditionally trained model can do) reaches 0.16 / 0.23 / 0.72 with
+"path" and 0.76 / 0.99 / 1.00 with "clamp"; a tiny TokenFlow trained with
+``flow.condition_prob=0.5`` reaches 0.13 / 0.19 / 0.46 ("path") and 0.52 / 0.81 / 0.95
+("clamp"), the same TokenFlow trained without it 0.13 / 0.17 / 0.21 and 0.20 / 0.31 / 0.39.
 Either way the returned tokens at known positions are exactly the given ones.
 
 Templates mark each blank with a run of three or more underscores (``BLANK_PATTERN``); every blank
@@ -47,7 +53,7 @@ from discreteflow_jax.models.tokenflow import TokenFlow
 
 BLANK_PATTERN = r"_{3,}"
 DEFAULT_BLANK_LENGTH = 4
-CONDITION_MODES = ("path", "clamp")
+CONDITION_MODES = ("clamp", "path")
 KNOWN_NOISE = ("posterior", "prior")
 
 
@@ -244,7 +250,7 @@ def conditional_sample(
     *,
     source: SourceFn = gaussian_prior,
     temperature: jax.Array | float = 1.0,
-    condition: str = "path",
+    condition: str = "clamp",
 ) -> jax.Array:
     """Samples [B, T] tokens; positions where ``known_mask_BT`` is True are held (see the module
     docstring for ``condition``) and returned unchanged. An all-False mask is plain sampling."""
@@ -343,7 +349,7 @@ class TokenFlowModel:
         known_tokens: Any = None,
         known_mask: Any = None,
         blank_length: int = DEFAULT_BLANK_LENGTH,
-        condition: str = "path",
+        condition: str = "clamp",
         known_noise: str = "posterior",
         length: int | None = None,
     ) -> np.ndarray:

@@ -135,7 +135,9 @@ def _copy_tokenizer(name: str, data_dir: str | None, out_dir: str) -> list[str]:
         written.append(rel)
     for rel in written:
         os.makedirs(os.path.join(out_dir, os.path.dirname(rel)), exist_ok=True)
-        shutil.copy(os.path.join(folder, rel), os.path.join(out_dir, rel))
+        # copyfile, not copy: a read-only source (a shared data folder) must not make the export
+        # read-only, or exporting into the same directory again would fail.
+        shutil.copyfile(os.path.join(folder, rel), os.path.join(out_dir, rel))
     return written
 
 
@@ -181,7 +183,9 @@ def export_model(model: Any, out_dir: str, data_dir: str | None = None) -> str:
         return out_dir
     if not isinstance(model, TokenFlowModel):
         raise TypeError(f"cannot export {type(model).__name__}")
-    save_file(flatten_params(model.params), os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "np"})
+    weights = os.path.join(out_dir, WEIGHTS_FILE)
+    save_file(flatten_params(model.params), weights, metadata={"format": "np"})
+    os.chmod(weights, 0o644)  # safetensors creates it owner-only; an export is meant to be shared
     from discreteflow_jax.api import model_config
 
     meta = _meta(model.kind, dataclasses.asdict(model_config(cfg)), cfg, model.step, model.tokenizer, files)

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="text the samples start with")
     p.add_argument("--template", default=None, help="text with blanks (___) to fill in (flow models only)")
     p.add_argument("--blank_length", type=int, default=None, help="tokens per blank of --template")
-    p.add_argument("--condition", default="path", choices=["path", "clamp"],
+    p.add_argument("--condition", default="clamp", choices=["clamp", "path"],
                    help="how a flow model holds known tokens (see discreteflow_jax.api)")
     p.add_argument("--length", type=int, default=0, help="tokens per sample (0: the training context)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: the newest)")

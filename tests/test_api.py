@@ -416,6 +416,12 @@ def test_teacher_export_is_hf_compatible_and_round_trips(tmp_path, data_dir):
     np.testing.assert_allclose(loaded.module(tokens), module(tokens), rtol=1e-5, atol=1e-5)
     texts = loaded.sample(2, seed=0, prompt="ROMEO:", length=8)
     assert all(t.startswith("ROMEO:") for t in texts)
+    prefixes = [[100, 200], [100, 200, 300, 400]]  # different lengths share one batch
+    conts = api.continue_prefixes(loaded, prefixes, steps=(1,), length=8, return_tokens=True)[1]
+    assert [len(c) for c in conts] == [6, 4]
+    greedy = loaded.continue_rows(prefixes, 8, temperature=1e-6)
+    alone = loaded.continue_rows(prefixes[1:], 8, temperature=1e-6)
+    np.testing.assert_array_equal(greedy[1], alone[0])  # padding does not leak into a row
     with pytest.raises(ValueError, match="only continues a prefix"):
         loaded.sample(1, template="a ____ b")
 
