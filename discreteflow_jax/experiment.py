@@ -66,9 +66,14 @@ def prepare(config: ml_collections.ConfigDict, data_dir: str | None = None) -> t
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = None) -> dict:
+    from discreteflow_jax import distributed
+    from discreteflow_jax.config import to_plain
     from discreteflow_jax.tasks import build_task
     from discreteflow_jax.train import Trainer
 
+    # First of all: a config that fails validation, data or teacher loading on some processes only
+    # would leave the others waiting in their first collective.
+    distributed.check_same_config(to_plain(config))
     cfg, tokenizer, dataset = prepare(config, data_dir)
     task = build_task(cfg)
     trainer = Trainer(cfg, task, workdir, dataset, tokenizer)
