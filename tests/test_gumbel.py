@@ -355,14 +355,22 @@ def test_config_errors() -> None:
 
 @pytest.mark.parametrize("make", [_tiny_llama, _tiny_gpt2])
 def test_teacher_split_and_teacher_sampling_are_exact(make) -> None:
-    teacher = make()
-    fns = gmb.teacher_fns(teacher)
+    graphdef, state = nnx.split(make())
     tokens = jax.random.randint(jax.random.key(0), (3, 12), 0, V)
-    np.testing.assert_allclose(fns.head(fns.hidden(tokens)), teacher(tokens), rtol=1e-5, atol=1e-5)
     key = jax.random.key(8)
-    sampled, nll = jax.jit(lambda k: gmb.teacher_sample_tokens(teacher, k, 3, 12, BOS, V))(key)
+
+    @jax.jit  # one compilation instead of one per eager op
+    def run(state):
+        teacher = nnx.merge(graphdef, state)
+        fns = gmb.teacher_fns(teacher)
+        split = fns.head(fns.hidden(tokens)) - teacher(tokens)
+        sampled, nll = gmb.teacher_sample_tokens(teacher, key, 3, 12, BOS, V)
+        logp = gmb.log_probs(teacher(gmb.teacher_inputs(sampled, BOS)))
+        return split, sampled, nll, logp
+
+    split, sampled, nll, logp = run(state)
+    assert float(jnp.abs(split).max()) < 1e-4
     # Teacher forcing on the sampled tokens with the same prior noise reproduces every argmax.
-    logp = gmb.log_probs(teacher(gmb.teacher_inputs(sampled, BOS)))
     g = gmb.sample_prior(key, 3, 12, V)
     np.testing.assert_array_equal(jnp.argmax(logp + g, -1), sampled)
     np.testing.assert_allclose(nll, -jnp.take_along_axis(logp, sampled[..., None], -1)[..., 0], rtol=1e-4,
@@ -370,17 +378,24 @@ def test_teacher_split_and_teacher_sampling_are_exact(make) -> None:
 
 
 def test_teacher_sample_source_pairs_tokens_with_their_prior_noise() -> None:
-    teacher = _tiny_llama()
-    model = _student("x0")
+    t_graphdef, t_state = nnx.split(_tiny_llama())
+    s_graphdef, s_state = nnx.split(_student("x0"))
     g_cfg = gmb.GumbelConfig(conditioning="x0", source="teacher_sample", chunk_size=4)
     data = jnp.zeros((2, 16), jnp.int32)
     key = jax.random.key(4)
-    tokens, ctx, _ = jax.jit(lambda k: gmb.gumbel_pairs(model, teacher, data, k, g_cfg, bos_id=BOS))(key)
+
+    @jax.jit
+    def run(t_state, s_state):
+        teacher, model = nnx.merge(t_graphdef, t_state), nnx.merge(s_graphdef, s_state)
+        tokens, ctx, _ = gmb.gumbel_pairs(model, teacher, data, key, g_cfg, bos_id=BOS)
+        g = gmb.sample_prior(key, 2, 16, V)
+        logp = gmb.log_probs(teacher(gmb.teacher_inputs(tokens, BOS)))
+        return tokens, ctx, gmb.reduce_noise(g, model.embeddings(), 1.0), jnp.argmax(logp + g, -1)
+
+    tokens, ctx, ctx_ref, argmax = run(t_state, s_state)
     assert not bool((tokens == data).all())
-    g = gmb.sample_prior(key, 2, 16, V)
-    np.testing.assert_allclose(ctx, gmb.reduce_noise(g, model.embeddings(), 1.0), rtol=1e-5, atol=1e-6)
-    logp = gmb.log_probs(teacher(gmb.teacher_inputs(tokens, BOS)))
-    np.testing.assert_array_equal(jnp.argmax(logp + g, -1), tokens)
+    np.testing.assert_allclose(ctx, ctx_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(argmax, tokens)
 
 
 # ---------------------------------------------------------------------------------------------
