@@ -45,6 +45,7 @@ log = logging.getLogger("discreteflow_jax")
 
 MIN_STUDY_SAMPLES = 64  # fewer samples per cell make Gen-PPL and entropy too noisy to compare
 
+
 @dataclasses.dataclass(frozen=True)
 class SweepSettings:
     steps: tuple[int, ...] = DEFAULT_STEPS
@@ -154,24 +155,33 @@ def _cell_identity(model_row: dict, settings: SweepSettings, scorer: Scorer, len
             "path": model_row.get("path"), "step": model_row.get("step")}
 
 
-def _cached_cell(out_dir: str, key: str, identity: dict, fn: Any) -> dict:
-    """Runs ``fn() -> (row, texts)`` unless ``cells/<key>.json`` holds a result with this identity."""
-    cell_path = os.path.join(out_dir, "cells", f"{key}.json")
+def _cached(path: str, identity: dict, compute: Any) -> Any:
+    """``compute()`` (a JSON-able value), or the value stored at ``path`` under the same identity."""
     identity = json.loads(json.dumps(identity))  # normalize tuples/ints as JSON reads them back
-    if os.path.isfile(cell_path):
-        with open(cell_path) as f:
+    if os.path.isfile(path):
+        with open(path) as f:
             cached = json.load(f)
         if cached.get("identity") == identity:
-            log.info("reusing %s", cell_path)
-            return cached["row"]
-    row, texts = fn()
-    os.makedirs(os.path.dirname(cell_path), exist_ok=True)
-    with open(os.path.join(out_dir, "samples", f"{key}.txt"), "w") as f:
-        for j, text in enumerate(texts):
-            f.write(f"=== {key} sample {j} ===\n{text}\n\n")
-    with open(cell_path, "w") as f:
-        json.dump({"identity": identity, "row": row}, f, indent=1)
-    return row
+            log.info("reusing %s", path)
+            return cached["value"]
+    value = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"identity": identity, "value": value}, f, indent=1)
+    return value
+
+
+def _cached_cell(out_dir: str, key: str, identity: dict, fn: Any) -> dict:
+    """The row of ``fn() -> (row, texts)``, cached in ``cells/<key>.json``; texts go to ``samples/<key>.txt``."""
+
+    def compute() -> dict:
+        row, texts = fn()
+        with open(os.path.join(out_dir, "samples", f"{key}.txt"), "w") as f:
+            for j, text in enumerate(texts):
+                f.write(f"=== {key} sample {j} ===\n{text}\n\n")
+        return row
+
+    return _cached(os.path.join(out_dir, "cells", f"{key}.json"), identity, compute)
 
 
 def parse_models(spec: str) -> dict[str, str]:
@@ -196,7 +206,6 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
               scorer_batch_size: int = 32) -> dict[str, Any]:
     """Evaluates every flow model at every K (and every teacher once), writes the report files."""
     from discreteflow_jax import api
-    from discreteflow_jax.experiment import prepare
 
     settings.validate()
     for name, path in models.items():  # every path is checked before anything is loaded or compiled
@@ -218,7 +227,7 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
     rows: list[dict[str, Any]] = []
     val_losses: dict[str, dict[str, float]] = {}
     first = next(iter(loaded.values()))
-    _, _, dataset = prepare(_config_dict(first.config.raw), data_dir)
+    dataset = _dataset_for(first, data_dir)
     ref_identity = {"settings": dataclasses.asdict(settings) | {"steps": None}, "scorer": scorer.name,
                     "length": length, "data": first.config.raw.get("data")}
     rows.append(_cached_cell(out_dir, "validation_text", ref_identity,
@@ -227,9 +236,9 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
         desc = model_description(name, model)
         identity = _cell_identity(desc, settings, scorer, length)
         val_key = os.path.join(out_dir, "cells", f"{_cell_key(name, None)}_val.json")
-        val_losses[name] = _cached_value(
-            val_key, identity, lambda m=model: validation_loss(m, _dataset_for(m, data_dir))
-        )
+        # The validation loss depends on the checkpoint only, not on the sampling settings.
+        val_losses[name] = _cached(val_key, {"path": desc["path"], "step": desc["step"]},
+                                   lambda m=model: validation_loss(m, _dataset_for(m, data_dir)))
         ks: list[int | None] = [None] if is_autoregressive(model) else list(settings.steps)
         for k in ks:
             log.info("evaluating %s at K=%s", name, k if k is not None else "(autoregressive)")
@@ -249,30 +258,13 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
     return report
 
 
-def _config_dict(raw: dict) -> Any:
+def _dataset_for(model: Any, data_dir: str | None) -> Any:
+    """The dataset a model was trained on (its validation split is what the metrics use)."""
     import ml_collections
 
-    return ml_collections.ConfigDict(raw)
-
-
-def _dataset_for(model: Any, data_dir: str | None) -> Any:
     from discreteflow_jax.experiment import prepare
 
-    return prepare(_config_dict(model.config.raw), data_dir)[2]
-
-
-def _cached_value(path: str, identity: dict, fn: Any) -> Any:
-    identity = json.loads(json.dumps(identity))
-    if os.path.isfile(path):
-        with open(path) as f:
-            cached = json.load(f)
-        if cached.get("identity") == identity:
-            return cached["value"]
-    value = fn()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"identity": identity, "value": value}, f, indent=1)
-    return value
+    return prepare(ml_collections.ConfigDict(model.config.raw), data_dir)[2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,8 +357,11 @@ def plot(report: dict, path: str) -> None:
     panels = ((axes[0], "gen_ppl", "Gen-PPL (lower is better)"), (axes[1], "entropy", "unigram entropy (nats)"))
     for ax, key, label in panels:
         for name in dict.fromkeys(r["model"] for r in flows):
-            pts = sorted((int(r["K"]), r[key]) for r in flows if r["model"] == name)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            mine = [r for r in flows if r["model"] == name]
+            pts = sorted((int(r["K"]), r[key]) for r in mine)
+            causal = bool(mine[0].get("causal"))  # squares and dashes tell causal models apart at a glance
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s" if causal else "o",
+                    linestyle="-." if causal else "-", label=name)
         for i, r in enumerate(refs):
             style = "--" if r["kind"] == "teacher" else ":"
             ax.axhline(r[key], color=f"C{(i + 7) % 10}" if r["kind"] == "teacher" else "gray", linestyle=style,
