@@ -34,7 +34,7 @@ the start of the sequence; positions after it are generated freely.
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -306,7 +306,7 @@ class TokenFlowModel:
         self.tokenizer = tokenizer
         self.source = source
         self.step = step
-        self._programs: dict[tuple, Callable] = {}
+        self._programs: dict[Any, Callable] = {}
         if cfg.task == "gumbel":
             self.kind = "gumbel"
 
@@ -408,17 +408,18 @@ class TokenFlowModel:
         tokens = jnp.asarray(np.repeat(windows, nb, axis=0))
         mask = jnp.asarray(np.repeat(masks, nb, axis=0))
         bucket = jnp.tile(jnp.arange(nb, dtype=jnp.float32), windows.shape[0])
-        graphdef = self.graphdef
+        if "score" not in self._programs:  # compiled once per number of windows
+            graphdef = self.graphdef
 
-        @jax.jit
-        def score_batch(params, key):
-            model = nnx.merge(graphdef, params)
-            t = (bucket + jax.random.uniform(jax.random.fold_in(key, 1), bucket.shape)) / nb
-            return flow.flow_loss(model, tokens, mask, key, num_buckets=nb, t_B=t)[1]
+            def score_batch(params, tokens, mask, bucket, key):
+                model = nnx.merge(graphdef, params)
+                t = (bucket + jax.random.uniform(jax.random.fold_in(key, 1), bucket.shape)) / nb
+                return flow.flow_loss(model, tokens, mask, key, num_buckets=nb, t_B=t)[1]
 
+            self._programs["score"] = jax.jit(score_batch)
         sums = None
         for r in range(repeats):
-            out = score_batch(self.params, jax.random.key(seed + r))
+            out = self._programs["score"](self.params, tokens, mask, bucket, jax.random.key(seed + r))
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         summary = summarize_flow(jax.device_get(sums), "score", nb)
         return {k.removeprefix("score/"): v for k, v in summary.items()}
@@ -464,6 +465,7 @@ class TeacherModel:
         self.tokenizer = tokenizer
         self.source = source
         self.step = step
+        self._score: Callable | None = None
         mc = model.config
         self.bos_id = mc.bos_id if mc.bos_id is not None else tokenizer.bos_id
         self.eos_id = mc.eos_id if mc.eos_id is not None else tokenizer.eos_id
@@ -555,8 +557,16 @@ class TeacherModel:
         from discreteflow_jax.teacher import teacher_inputs
 
         windows, masks = _windows(self.tokenizer, texts, self.seq_len)
-        logits = self.module(teacher_inputs(jnp.asarray(windows), self.bos_id))
-        nll = np.asarray(cross_entropy(logits, jnp.asarray(windows)))
+        if self._score is None:  # one compiled program instead of one per eager op
+            graphdef, state = nnx.split(self.module)
+            bos = self.bos_id
+
+            def token_nll(state, tokens):
+                logits = nnx.merge(graphdef, state)(teacher_inputs(tokens, bos))
+                return cross_entropy(logits, tokens)
+
+            self._score = functools.partial(jax.jit(token_nll), state)
+        nll = np.asarray(self._score(jnp.asarray(windows)))
         loss = float((nll * masks).sum() / masks.sum())
         return {"loss": loss, "ppl": float(np.exp(min(loss, 50.0)))}
 
@@ -708,11 +718,6 @@ def _load_workdir(workdir: str, data_dir: str | None, step: int | None) -> Token
     graphdef, abstract_params = abstract_tokenflow(cfg)
     params, step = restore_params(workdir, cfg, abstract_params, step)
     return TokenFlowModel(cfg, graphdef, params, tokenizer, workdir, step)
-
-
-def save_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
 
 
 __all__ = [

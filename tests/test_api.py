@@ -422,6 +422,8 @@ def test_teacher_export_is_hf_compatible_and_round_trips(tmp_path, data_dir):
     greedy = loaded.continue_rows(prefixes, 8, temperature=1e-6)
     alone = loaded.continue_rows(prefixes[1:], 8, temperature=1e-6)
     np.testing.assert_array_equal(greedy[1], alone[0])  # padding does not leak into a row
+    scores = loaded.score(["ROMEO: what say you?"])
+    assert scores["ppl"] == pytest.approx(np.exp(scores["loss"])) and scores["loss"] > 0
     with pytest.raises(ValueError, match="only continues a prefix"):
         loaded.sample(1, template="a ____ b")
 
