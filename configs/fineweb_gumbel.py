@@ -42,7 +42,7 @@ def get_config(arg=None):
     c.model.max_len = 1024  # >= data.seq_len
     c.gumbel.conditioning = "cross_attention"  # SPEC §10
     c.teacher.hf = "gpt2"  # Hugging Face GPT-2 124M, converted to Flax on load
-    c.train.batch_size = 64  # as experiment 3.1: 64 × 4 accumulation
+    c.train.batch_size = 256  # as experiment 3.1: 4 micro-batches of 64 per step
     c.train.grad_accum = 4  # micro-batches per step
     c.train.num_steps = 30000  # SPEC §1
     c.train.warmup_steps = 2000  # SPEC §10

@@ -62,7 +62,8 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     c.sample.eval_steps = (8, 128)  # K values sampled at each evaluation
 
     c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 64  # global batch (sequences per optimizer step)
+    # SPEC §10 "batch 64 × 2 accumulation": 2 micro-batches of 64, i.e. 128 sequences per step.
+    c.train.batch_size = 128  # global batch (sequences per optimizer step)
     c.train.grad_accum = 2  # micro-batches per step, accumulated inside the jitted step
     c.train.num_steps = 10000  # optimizer steps
     c.train.lr = 4e-4  # peak learning rate
