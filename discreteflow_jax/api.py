@@ -49,7 +49,7 @@ from flax import nnx
 from discreteflow_jax import flow
 from discreteflow_jax.config import ConfigError, ExperimentConfig, parse_config
 from discreteflow_jax.data.tokenizers import Tokenizer, load_tokenizer
-from discreteflow_jax.models.tokenflow import TokenFlow
+from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
 
 BLANK_PATTERN = r"_{3,}"
 DEFAULT_BLANK_LENGTH = 4
@@ -318,6 +318,11 @@ class TokenFlowModel:
     @property
     def seq_len(self) -> int:
         return self.config.data.seq_len
+
+    @property
+    def architecture(self) -> TokenFlowConfig:
+        """The module's config (for Gumbel models it includes what the gumbel section derives)."""
+        return model_config(self.config)
 
     def model(self) -> TokenFlow:
         return nnx.merge(self.graphdef, self.params)
