@@ -110,17 +110,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", default="1,4,8,32", help="flow sampling steps K")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--lengths", default="128,1024", help="sequence lengths in tokens")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per program (the best is reported)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per program, the best is reported (default 3, 1 with --quick)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activation dtype")
     parser.add_argument("--schedule", default="uniform", choices=list(flow.TIME_GRIDS), help="flow time grid")
     parser.add_argument("--quick", action="store_true", help="length 128 only, one timed run per program")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.lengths, args.repeats = "128", 1
+        args.lengths = "128"
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     steps, batches, lengths = _csv_ints(args.steps), _csv_ints(args.batches), _csv_ints(args.lengths)
-    if min(steps + batches + lengths) < 1 or min(lengths) < 2:
-        parser.error("steps and batches must be >= 1 and lengths >= 2")
+    if min(steps + batches + lengths) < 1 or min(lengths) < 2 or args.repeats < 1:
+        parser.error("steps, batches and repeats must be >= 1 and lengths >= 2")
     max_len = max(lengths)
 
     flow_cfg = TokenFlowConfig(
