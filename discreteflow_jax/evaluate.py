@@ -196,12 +196,11 @@ class Scorer:
 
     @classmethod
     def from_model(cls, model: Any, batch_size: int = 32) -> Scorer:
-        """A scorer from an ``api.TeacherModel`` or a ``teacher.TeacherBundle`` (with a tokenizer)."""
-        if isinstance(model, Scorer):
-            return model
-        module = model.module if hasattr(model, "module") else model.model()
-        return cls(module, model.tokenizer, bos_id=model.bos_id, name=str(getattr(model, "source", "scorer")),
-                   batch_size=batch_size)
+        """A scorer from a loaded teacher (``api.TeacherModel``: module, tokenizer, BOS id, source)."""
+        if not hasattr(model, "module") or not hasattr(model, "tokenizer"):
+            raise ValueError(f"cannot score with {type(model).__name__}: pass a teacher from discreteflow_jax.load, "
+                             "a Scorer, or a workdir / Hugging Face directory")
+        return cls(model.module, model.tokenizer, bos_id=model.bos_id, name=str(model.source), batch_size=batch_size)
 
     # -- token sequences -------------------------------------------------------------------
     def prepare(self, samples: Sequence[Sequence[int]], tokenizer: Tokenizer) -> list[list[int]]:

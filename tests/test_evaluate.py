@@ -272,3 +272,16 @@ def test_sample_cli_errors_are_readable(tmp_path, workdirs, capsys):
     data = f"--data_dir={workdirs['data']}"
     assert "prefix" in fails(f"--workdir={workdirs['teacher']}", "--template=To be ___ be", data)
     assert "shorter than" in fails(f"--workdir={workdirs['flow']}", "--prompt=" + "word " * 40, data)
+
+
+def test_gen_ppl_through_the_python_api(workdirs):
+    from discreteflow_jax import api
+
+    teacher = api.load(workdirs["teacher"], workdirs["data"])
+    flow_model = api.load(workdirs["flow"], workdirs["data"])
+    out = flow_model.gen_ppl(["ROMEO: I will go.", "To be"], teacher)
+    assert out["scored_tokens"] == len(teacher.tokenizer.encode("ROMEO: I will go.")) + len(
+        teacher.tokenizer.encode("To be"))
+    assert out["gen_ppl"] > 1
+    with pytest.raises(ValueError, match="cannot score"):
+        evaluate.gen_ppl(["x"], flow_model)
