@@ -211,6 +211,8 @@ def parse_config(cfg: ml_collections.ConfigDict) -> ExperimentConfig:
 
         if not model_section.get("num_kv_heads"):
             model_section["num_kv_heads"] = None  # 0 in a config file means "plain multi-head"
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "ffn_hidden", "max_len"):
+            _positive(model_section.get(name), f"model.{name}")
         model = _build(LlamaConfig, model_section, "model")
         if data.seq_len > model.max_len:
             raise ConfigError(

@@ -158,16 +158,3 @@ def load_teacher(section: dict, data_dir: str | None = None) -> TeacherBundle:
         "no teacher given: set --config.teacher.checkpoint=DIR (a workdir of ours, made by "
         f"`{TEACHER_COMMAND}`) or --config.teacher.hf=gpt2 (a Hugging Face id or local HF directory)"
     )
-
-
-def validate_teacher_config(cfg: ExperimentConfig) -> None:
-    m: LlamaConfig = cfg.model
-    for name in ("vocab_size", "dim", "num_layers", "num_heads", "ffn_hidden", "max_len"):
-        value = getattr(m, name)
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"config.model.{name} must be a positive integer, got {value!r}")
-    if cfg.data.seq_len > m.max_len:
-        raise ConfigError(
-            f"config.data.seq_len={cfg.data.seq_len} is longer than the teacher supports "
-            f"(config.model.max_len={m.max_len})"
-        )
