@@ -75,12 +75,14 @@ def _fmt_time(seconds: float) -> str:
 def format_progress(step: int, total: int, metrics: dict[str, float], eta: float | None) -> str:
     """One console line: step, main losses, lr, throughput, ETA. Bucket losses go on a second line."""
     main = [f"step {step}/{total}"]
-    buckets = []
+    buckets, gains = [], []
     for key in sorted(metrics):
         value = metrics[key]
         short = key.split("/", 1)[-1]
         if "/loss_t" in key:
             buckets.append(f"{short[5:]}={value:.3f}")
+        elif "/context_gain_t" in key:
+            gains.append(f"{short[13:]}={value:+.3f}")
         elif short in ("loss", "ppl", "grad_norm"):
             main.append(f"{key}={value:.4f}")
         elif short == "lr":
@@ -92,4 +94,6 @@ def format_progress(step: int, total: int, metrics: dict[str, float], eta: float
     line = "  ".join(main)
     if buckets:
         line += "\n    loss by t-bucket: " + " ".join(buckets)
+    if gains:
+        line += "\n    context gain by t-bucket (nats): " + " ".join(gains)
     return line

@@ -20,14 +20,49 @@ def bucket_edges(num_buckets: int) -> list[str]:
 
 
 def summarize_flow(sums: dict, prefix: str, num_buckets: int) -> dict[str, float]:
-    """Turns summed metrics into the mean loss and the loss per t-bucket."""
+    """Turns summed metrics into the mean loss and the loss per t-bucket (and, when the sums carry
+    it, the context gain per t-bucket, see ``context_gain_sums``)."""
     out = {f"{prefix}/loss": float(sums["loss_sum"]) / max(float(sums["tokens"]), 1.0)}
-    loss_b = np.asarray(sums["bucket_loss_sum"])
-    tok_b = np.asarray(sums["bucket_tokens"])
-    for name, l_sum, n in zip(bucket_edges(num_buckets), loss_b, tok_b):
-        if n > 0:
-            out[f"{prefix}/loss_t{name}"] = float(l_sum / n)
+    for metric, total, weights in (("loss", "bucket_loss_sum", "bucket_tokens"),
+                                   ("context_gain", "context_gain_sum", "context_tokens")):
+        if total not in sums:
+            continue
+        per_bucket, n_bucket = np.asarray(sums[total]), np.asarray(sums[weights])
+        if metric == "context_gain" and n_bucket.sum() > 0:
+            out[f"{prefix}/context_gain"] = float(per_bucket.sum() / n_bucket.sum())
+        for name, value, n in zip(bucket_edges(num_buckets), per_bucket, n_bucket):
+            if n > 0:
+                out[f"{prefix}/{metric}_t{name}"] = float(value / n)
     return out
+
+
+def context_gain_sums(
+    model: TokenFlow, tokens_BT: jax.Array, t_B: jax.Array, key: jax.Array, num_buckets: int
+) -> dict[str, jax.Array]:
+    """How much the network's predictions rely on the surrounding text, per t-bucket.
+
+    Every odd position of x_t is replaced by the same position of another sequence of the batch
+    (the previous row), and the cross-entropy on the even positions, whose own inputs are
+    unchanged, is compared with that on the intact sequence: gain = CE(scrambled) − CE(intact).
+    A network that denoises each position on its own (the unigram prior times the singular
+    likelihood is the best such network) gains exactly 0. The mean flow loss cannot show the
+    difference; this number can. Token-weighted sums, like ``flow.flow_loss``'s metrics.
+    """
+    b, t = tokens_BT.shape
+    if b < 2:  # no other sequence to borrow from
+        zeros = jnp.zeros((num_buckets,), jnp.float32)
+        return {"context_gain_sum": zeros, "context_tokens": zeros}
+    x1 = model.embed(tokens_BT)
+    x_t = flow.noisy_path(x1, model.cfg.sigma * jax.random.normal(key, x1.shape, jnp.float32), t_B)
+    keep = jnp.arange(t) % 2 == 0
+    scrambled = jnp.where(keep[None, :, None], x_t, jnp.roll(x_t, 1, axis=0))
+    intact_ce = flow.cross_entropy(model(x_t, t_B), tokens_BT)
+    scrambled_ce = flow.cross_entropy(model(scrambled, t_B), tokens_BT)
+    weight = keep.astype(jnp.float32)
+    kept = jnp.sum(weight)
+    gain_B = jnp.sum((scrambled_ce - intact_ce) * weight, axis=1) / kept
+    gain_sum, tokens = flow.bucket_sums(gain_B, t_B, jnp.full((b,), kept), num_buckets)
+    return {"context_gain_sum": gain_sum, "context_tokens": tokens}
 
 
 def stratified_times(key: jax.Array, batch: int) -> jax.Array:
@@ -62,7 +97,8 @@ def tokenflow_task(cfg: ExperimentConfig) -> Task:
     def eval_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):
         mask = jnp.ones(tokens.shape, jnp.float32)
         t = stratified_times(jax.random.fold_in(key, 1), tokens.shape[0])
-        return flow.flow_loss(model, tokens, mask, key, num_buckets=fc.num_buckets, t_B=t)[1]
+        sums = flow.flow_loss(model, tokens, mask, key, num_buckets=fc.num_buckets, t_B=t)[1]
+        return dict(sums, **context_gain_sums(model, tokens, t, jax.random.fold_in(key, 2), fc.num_buckets))
 
     sample_cache: dict[int, Any] = {}
 
