@@ -3,7 +3,9 @@
     python -m discreteflow_jax.plot_metrics --workdir=DIR [--out=FILE.png] [--reference=6.30]
 
 The mean flow loss hides where the network learns (SPEC §4): one line per t-bucket shows it.
-``--reference`` draws a horizontal line, e.g. the unigram entropy of the training tokens.
+``--reference`` draws a horizontal line, e.g. the unigram entropy of the training tokens. When
+the run logged the context gain (TokenFlow baselines do), a second panel shows it per t-bucket:
+how much the network's predictions use the surrounding text.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ _REFERENCE = flags.DEFINE_float("reference", None, "Draw a horizontal reference 
 
 
 def bucket_curves(metrics_path: str, prefix: str = "val") -> dict[str, list[tuple[int, float]]]:
-    """{metric name: [(step, value), ...]} for the mean loss and every t-bucket."""
+    """{metric name: [(step, value), ...]} for the mean loss, every t-bucket and the context gain."""
     if not os.path.exists(metrics_path):
         raise FileNotFoundError(f"{metrics_path} does not exist; is this a training workdir?")
     curves: dict[str, list[tuple[int, float]]] = {}
@@ -28,7 +30,7 @@ def bucket_curves(metrics_path: str, prefix: str = "val") -> dict[str, list[tupl
         for line in f:
             row = json.loads(line)
             for key, value in row.items():
-                if key == f"{prefix}/loss" or key.startswith(f"{prefix}/loss_t"):
+                if key == f"{prefix}/loss" or key.startswith((f"{prefix}/loss_t", f"{prefix}/context_gain")):
                     curves.setdefault(key, []).append((int(row["step"]), float(value)))
     return curves
 
@@ -39,22 +41,36 @@ def plot(curves: dict[str, list[tuple[int, float]]], out: str, reference: float 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for key in sorted(curves):
-        steps, values = zip(*sorted(curves[key]))
-        style = {"color": "black", "linewidth": 2.5} if key.endswith("/loss") else {}
-        ax.plot(steps, values, marker="o", markersize=3, label=key.split("/", 1)[1], **style)
+    gain_keys = sorted(k for k in curves if "/context_gain" in k)
+    loss_keys = sorted(k for k in curves if k not in gain_keys)
+    fig, axes = plt.subplots(1, 2 if gain_keys else 1, figsize=(14 if gain_keys else 8, 5), squeeze=False)
+    ax = axes[0, 0]
+    _lines(ax, curves, loss_keys, mean_suffix="/loss")
     if reference is not None:
         ax.axhline(reference, color="gray", linestyle="--", label=f"reference {reference:.2f}")
-    ax.set_xlabel("step")
     ax.set_ylabel("validation flow loss (nats/token)")
     ax.set_title("Validation loss by flow time t")
     ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+    if gain_keys:
+        ax = axes[0, 1]
+        _lines(ax, curves, gain_keys, mean_suffix="/context_gain")
+        ax.axhline(0.0, color="gray", linestyle="--")
+        ax.set_ylabel("loss increase without context (nats/token)")
+        ax.set_title("Context gain by flow time t (0: each position denoised alone)")
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _lines(ax, curves: dict[str, list[tuple[int, float]]], keys: list[str], mean_suffix: str) -> None:
+    for key in keys:
+        steps, values = zip(*sorted(curves[key]))
+        style = {"color": "black", "linewidth": 2.5} if key.endswith(mean_suffix) else {}
+        ax.plot(steps, values, marker="o", markersize=3, label=key.split("/", 1)[1], **style)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
 
 
 def main(argv: list[str]) -> None:

@@ -25,6 +25,26 @@ def test_bucket_curves_and_plot(tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 1000 and out.endswith("plot.png")
 
 
+def test_context_gain_gets_its_own_panel(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [
+        {"step": 10, "val/loss": 2.0, "val/loss_t0.0-0.1": 6.0, "val/context_gain": 0.01,
+         "val/context_gain_t0.1-0.2": 0.05},
+        {"step": 20, "val/loss": 1.5, "val/loss_t0.0-0.1": 5.5, "val/context_gain": 0.02,
+         "val/context_gain_t0.1-0.2": 0.09},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curves = bucket_curves(str(path))
+    assert curves["val/context_gain_t0.1-0.2"] == [(10, 0.05), (20, 0.09)]
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    plot(curves, str(tmp_path / "plot.png"))
+    assert plt.get_fignums() == before  # closed after saving
+    image = plt.imread(str(tmp_path / "plot.png"))
+    assert image.shape[1] > image.shape[0] * 2  # two panels side by side
+
+
 def test_missing_metrics_file_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="training workdir"):
         bucket_curves(str(tmp_path / "metrics.jsonl"))
