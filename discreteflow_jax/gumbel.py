@@ -201,27 +201,10 @@ def teacher_fns(model: Any) -> TeacherFns:
     """Splits a Llama or GPT2 teacher before its final norm + output projection (``_logits``);
     any other callable ``model(tokens) -> logits`` is used whole (then the full B×T×V teacher
     logits exist once; the rest of the reduction is still chunked)."""
-    from discreteflow_jax.models.gpt2 import GPT2
-    from discreteflow_jax.models.llama import Llama
+    from discreteflow_jax.models.decoder import DecoderLM
 
-    if isinstance(model, Llama):
-
-        def llama_hidden(tokens_BT: jax.Array) -> jax.Array:
-            x = model.embed(tokens_BT)
-            for layer in model.layers:
-                x, _ = layer(x, positions_BT=None, key_mask_BS=None)
-            return x
-
-        return TeacherFns(llama_hidden, model._logits)
-    if isinstance(model, GPT2):
-
-        def gpt2_hidden(tokens_BT: jax.Array) -> jax.Array:
-            x = model._embed(tokens_BT, None, 0)
-            for layer in model.layers:
-                x, _ = layer(x, key_mask_BS=None)
-            return x
-
-        return TeacherFns(gpt2_hidden, model._logits)
+    if isinstance(model, DecoderLM):
+        return TeacherFns(model.hidden, model._logits)
     return TeacherFns(lambda tokens: model(tokens).astype(jnp.float32), lambda logits: logits)
 
 

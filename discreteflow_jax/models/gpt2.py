@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from discreteflow_jax.models.layers import Attention, KVCache, linear, truncated_normal_init
+from discreteflow_jax.models.decoder import DecoderLM, PreNormBlock, tied_logits
+from discreteflow_jax.models.layers import Attention, linear, truncated_normal_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,10 @@ class GPT2Config:
     @property
     def mlp_hidden(self) -> int:
         return self.ffn_hidden or 4 * self.dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads  # no grouped-query attention in GPT-2
 
     @property
     def head_size(self) -> int:
@@ -84,7 +89,7 @@ class GeluMLP(nnx.Module):
         return self.down_proj(jax.nn.gelu(self.up_proj(x), approximate=True))
 
 
-class GPT2Block(nnx.Module):
+class GPT2Block(PreNormBlock):
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
         c = config
         dtype = jnp.dtype(c.dtype)
@@ -103,20 +108,12 @@ class GPT2Block(nnx.Module):
         self.ln_2 = LayerNorm(c.dim, eps=c.layer_norm_eps)
         self.mlp = GeluMLP(c.dim, c.mlp_hidden, rngs=rngs, init_std=c.init_std, out_init_std=out_std, dtype=dtype)
 
-    def __call__(
-        self,
-        x_BTD: jax.Array,
-        *,
-        key_mask_BS: jax.Array | None,
-        cache: KVCache | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
-        h, cache = self.attn(self.ln_1(x_BTD), causal=True, key_mask_BS=key_mask_BS, cache=cache)
-        x_BTD = x_BTD + h
-        return x_BTD + self.mlp(self.ln_2(x_BTD)), cache
+    def _norms(self) -> tuple[LayerNorm, LayerNorm]:
+        return self.ln_1, self.ln_2
 
 
-class GPT2(nnx.Module):
-    """GPT-2 LM. Same interface as ``Llama``: ``__call__``, ``init_cache``, ``decode``."""
+class GPT2(DecoderLM):
+    """GPT-2 LM; ``__call__``, ``hidden``, ``init_cache`` and ``decode`` come from ``DecoderLM``."""
 
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
         self.config = config
@@ -133,42 +130,4 @@ class GPT2(nnx.Module):
         return self.wte(tokens_BT) + self.wpe(positions_BT)
 
     def _logits(self, x_BTD: jax.Array) -> jax.Array:
-        x_BTD = self.ln_f(x_BTD)
-        w_VD = self.wte.embedding[...].astype(x_BTD.dtype)
-        # fp32 accumulation: logits feed softmaxes and losses.
-        return jnp.einsum("btd,vd->btv", x_BTD, w_VD, preferred_element_type=jnp.float32)
-
-    def __call__(
-        self,
-        tokens_BT: jax.Array,
-        *,
-        key_mask_BT: jax.Array | None = None,
-        positions_BT: jax.Array | None = None,
-    ) -> jax.Array:
-        """Causal forward; ``key_mask_BT`` is False at padding. Returns fp32 logits [B, T, V]."""
-        x = self._embed(tokens_BT, positions_BT, 0)
-        for layer in self.layers:
-            x, _ = layer(x, key_mask_BS=key_mask_BT)
-        return self._logits(x)
-
-    def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
-        c = self.config
-        return [KVCache.zeros(batch, max_len, c.num_heads, c.head_size, jnp.dtype(c.dtype)) for _ in self.layers]
-
-    def decode(
-        self,
-        tokens_BT: jax.Array,
-        cache: list[KVCache],
-        *,
-        key_mask_BS: jax.Array | None = None,
-        positions_BT: jax.Array | None = None,
-    ) -> tuple[jax.Array, list[KVCache]]:
-        """Appends ``tokens_BT`` at the cache's write index and returns their logits [B, T, V].
-
-        ``key_mask_BS`` covers the whole cache length S; positions default to the cache slots."""
-        x = self._embed(tokens_BT, positions_BT, cache[0].index)
-        new_cache = []
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x, layer_cache = layer(x, key_mask_BS=key_mask_BS, cache=layer_cache)
-            new_cache.append(layer_cache)
-        return self._logits(x), new_cache
+        return tied_logits(self.ln_f(x_BTD), self.wte)

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from discreteflow_jax.models.layers import Attention, KVCache, RMSNorm, SwiGLU, linear, truncated_normal_init
+from discreteflow_jax.models.decoder import DecoderLM, PreNormBlock, tied_logits
+from discreteflow_jax.models.layers import Attention, RMSNorm, SwiGLU, linear, truncated_normal_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ class LlamaConfig:
         return self.head_dim or self.dim // self.num_heads
 
 
-class LlamaBlock(nnx.Module):
+class LlamaBlock(PreNormBlock):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         c = config
         dtype = jnp.dtype(c.dtype)
@@ -83,23 +84,13 @@ class LlamaBlock(nnx.Module):
         self.mlp_norm = RMSNorm(c.dim, eps=c.norm_eps)
         self.mlp = SwiGLU(c.dim, c.ffn_hidden, rngs=rngs, init_std=c.init_std, out_init_std=out_std, dtype=dtype)
 
-    def __call__(
-        self,
-        x_BTD: jax.Array,
-        *,
-        positions_BT: jax.Array | None,
-        key_mask_BS: jax.Array | None,
-        cache: KVCache | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
-        h, cache = self.attn(
-            self.attn_norm(x_BTD), causal=True, positions_BT=positions_BT, key_mask_BS=key_mask_BS, cache=cache
-        )
-        x_BTD = x_BTD + h
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
+    def _norms(self) -> tuple[RMSNorm, RMSNorm]:
+        return self.attn_norm, self.mlp_norm
 
 
-class Llama(nnx.Module):
-    """Decoder-only LM. ``__call__`` is the full causal forward; ``decode`` runs with a KV cache."""
+class Llama(DecoderLM):
+    """Decoder-only LM. ``__call__`` (the full causal forward), ``hidden``, ``init_cache`` and
+    ``decode`` (with a KV cache) come from ``DecoderLM``."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -119,49 +110,13 @@ class Llama(nnx.Module):
             else linear(config.dim, config.vocab_size, rngs=rngs, stddev=config.init_std, dtype=dtype)
         )
 
+    def _embed(self, tokens_BT: jax.Array, positions_BT: jax.Array | None, offset: jax.Array | int) -> jax.Array:
+        return self.embed(tokens_BT)  # positions enter through RoPE in the attention
+
     def _logits(self, x_BTD: jax.Array) -> jax.Array:
         x_BTD = self.final_norm(x_BTD)
-        # Logits are accumulated in fp32 even with a bf16 forward: they feed softmaxes and losses.
         if self.lm_head is None:
-            w_VD = self.embed.embedding[...].astype(x_BTD.dtype)
-            return jnp.einsum("btd,vd->btv", x_BTD, w_VD, preferred_element_type=jnp.float32)
+            return tied_logits(x_BTD, self.embed)
+        # fp32 accumulation even with a bf16 forward, as in tied_logits.
         w_DV = self.lm_head.kernel[...].astype(x_BTD.dtype)
         return jnp.einsum("btd,dv->btv", x_BTD, w_DV, preferred_element_type=jnp.float32)
-
-    def __call__(
-        self,
-        tokens_BT: jax.Array,
-        *,
-        key_mask_BT: jax.Array | None = None,
-        positions_BT: jax.Array | None = None,
-    ) -> jax.Array:
-        """Causal forward. ``key_mask_BT`` is False at padding (never attended to); positions
-        default to 0..T-1 for every row, as in Hugging Face's forward. For left-padded rows pass
-        ``positions_BT = max(cumsum(mask) - 1, 0)`` so real tokens start at position 0."""
-        x = self.embed(tokens_BT)
-        for layer in self.layers:
-            x, _ = layer(x, positions_BT=positions_BT, key_mask_BS=key_mask_BT)
-        return self._logits(x)
-
-    def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
-        c = self.config
-        return [KVCache.zeros(batch, max_len, c.kv_heads, c.head_size, jnp.dtype(c.dtype)) for _ in self.layers]
-
-    def decode(
-        self,
-        tokens_BT: jax.Array,
-        cache: list[KVCache],
-        *,
-        key_mask_BS: jax.Array | None = None,
-        positions_BT: jax.Array | None = None,
-    ) -> tuple[jax.Array, list[KVCache]]:
-        """Appends ``tokens_BT`` at the cache's write index and returns their logits [B, T, V].
-
-        ``key_mask_BS`` covers the whole cache length S (False for padding slots); positions
-        default to the cache slots (index .. index+T-1)."""
-        x = self.embed(tokens_BT)
-        new_cache = []
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x, layer_cache = layer(x, positions_BT=positions_BT, key_mask_BS=key_mask_BS, cache=layer_cache)
-            new_cache.append(layer_cache)
-        return self._logits(x), new_cache
