@@ -35,6 +35,31 @@ die() {
   exit 2
 }
 
+# The script's help is its header: the comment block under the shebang, up to the first code line.
+usage() {
+  awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"
+  exit "${1:-0}"
+}
+
+# check_command WORD COMMAND...: returns when WORD (a script's first argument) is one of the
+# COMMANDs; prints the help for help words (exit 0) or none (exit 2), and stops on anything else.
+check_command() {
+  local word="$1" known
+  shift
+  [ -n "$word" ] || usage 2
+  case "$word" in
+    -h|--help|help) usage 0 ;;
+  esac
+  for known in "$@"; do
+    if [ "$word" = "$known" ]; then
+      return 0
+    fi
+  done
+  local list
+  list="$(printf ', %s' "$@")"
+  die "unknown command '$word' (${list#, })"
+}
+
 # The JAX of setup.py with an accelerator extra (tpu, cuda12, cuda13); versions must match exactly.
 jax_spec() {
   printf 'jax[%s]>=0.10.2,<0.11' "$1"

@@ -16,19 +16,9 @@ REPO="$(cd "$HERE/.." && pwd)"
 # shellcheck source=launch/common.sh
 . "$HERE/common.sh"
 
-usage() {
-  sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
 COMMAND="${1:-}"
-[ -n "$COMMAND" ] || usage 2
+check_command "$COMMAND" setup run logs stop
 shift
-case "$COMMAND" in
-  -h|--help|help) usage 0 ;;
-  setup|run|logs|stop) ;;
-  *) die "unknown command '$COMMAND' (setup, run, logs, stop)" ;;
-esac
 
 CUDA="12"
 VENV="$REPO/.venv"

@@ -21,11 +21,6 @@ REPO="$(cd "$HERE/.." && pwd)"
 # shellcheck source=launch/common.sh
 . "$HERE/common.sh"
 
-usage() {
-  sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
 NODES=1
 GPUS_PER_NODE=8
 PER_GPU=0

@@ -22,19 +22,9 @@ REPO="$(cd "$HERE/.." && pwd)"
 # shellcheck source=launch/common.sh
 . "$HERE/common.sh"
 
-usage() {
-  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
 COMMAND="${1:-}"
-[ -n "$COMMAND" ] || usage 2
+check_command "$COMMAND" create setup run up logs stop status delete
 shift
-case "$COMMAND" in
-  -h|--help|help) usage 0 ;;
-  up|create|setup|run|logs|stop|delete|status) ;;
-  *) die "unknown command '$COMMAND' (create, setup, run, up, logs, stop, status, delete)" ;;
-esac
 
 NAME="${TPU_NAME:-discreteflow}"
 ZONE="${TPU_ZONE:-}"
