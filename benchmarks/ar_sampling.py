@@ -16,17 +16,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from discreteflow_jax.models.generate import SamplingSettings, make_generate_fn
 from discreteflow_jax.models.gpt2 import GPT2, GPT2Config
 from discreteflow_jax.models.llama import Llama, LlamaConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ar_program, compile_and_time, csv_ints, emit_json, random_init, speed_fields  # noqa: E402
 
 MODELS = {
     # The Shakespeare teacher (experiment 2.1), LLaMA tokenizer vocabulary.
@@ -36,45 +37,20 @@ MODELS = {
 }
 
 
-def _csv_ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def random_model(name: str, dtype: str) -> tuple[nnx.GraphDef, nnx.State, int]:
     cls, config = MODELS[name]
-    config = dataclasses.replace(config, dtype=dtype)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))
-    # Initialising under jit compiles one program instead of dispatching every initializer eagerly.
-    state = jax.jit(lambda: nnx.split(cls(config, rngs=nnx.Rngs(0)))[1])()
-    num_params = sum(x.size for x in jax.tree.leaves(state))
-    return graphdef, state, num_params
+    return random_init(cls, dataclasses.replace(config, dtype=dtype))
 
 
 def bench_cell(graphdef, state, batch: int, length: int, repeats: int, max_len: int) -> dict:
     new_tokens = min(length, max_len) - 1
-    settings = SamplingSettings(max_new_tokens=new_tokens)
-    prompt = jnp.ones((batch, 1), jnp.int32)
-    args = (state, prompt, jnp.ones((batch, 1), bool), jax.random.key(0), jnp.float32(1.0))
-
-    start = time.perf_counter()
-    compiled = make_generate_fn(graphdef, settings).lower(*args).compile()
-    compile_s = time.perf_counter() - start
-
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    steady_s = min(times)
+    program, args = ar_program(graphdef, state, batch, new_tokens)
+    compiled, compile_s, times = compile_and_time(program, args, repeats, warmup=False)
     cell = {
         "batch": batch,
         "length": new_tokens + 1,
         "new_tokens": new_tokens,
-        "compile_s": round(compile_s, 3),
-        "steady_s": round(steady_s, 4),
-        "all_runs_s": [round(t, 4) for t in times],
-        "ms_per_step": round(1000 * steady_s / new_tokens, 3),
-        "tokens_per_s": round(batch * new_tokens / steady_s, 1),
+        **speed_fields(compile_s, times, new_tokens, batch * new_tokens),
     }
     memory = compiled.memory_analysis()
     if memory is not None:  # not every backend reports it
@@ -107,18 +83,14 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.models.split(","):
         graphdef, state, num_params = random_model(name, args.dtype)
         max_len = MODELS[name][1].max_len
-        for length in _csv_ints(args.lengths):
-            for batch in _csv_ints(args.batches):
+        for length in csv_ints(args.lengths):
+            for batch in csv_ints(args.batches):
                 cell = {"model": name, "params": int(num_params), **bench_cell(
                     graphdef, state, batch, length, args.repeats, max_len
                 )}
                 print(json.dumps(cell), file=sys.stderr, flush=True)
                 report["results"].append(cell)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit_json(report, args.out)
     return report
 
 

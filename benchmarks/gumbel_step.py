@@ -25,6 +25,7 @@ from absl import app, flags
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit_json  # noqa: E402
 from step_time import benchmark  # noqa: E402  (also defines --steps and --out)
 
 from discreteflow_jax.gumbel_task import add_gumbel_sections  # noqa: E402
@@ -90,11 +91,7 @@ def main(argv):
                 if k in r and base.get(k)}
             for v, r in results.items() if v != "baseline"
         }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if flags.FLAGS.out:
-        with open(flags.FLAGS.out, "w") as f:
-            f.write(text + "\n")
+    emit_json(out, flags.FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -24,42 +24,20 @@ import json
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from discreteflow_jax import flow
-from discreteflow_jax.models.generate import SamplingSettings, make_generate_fn
 from discreteflow_jax.models.llama import Llama, LlamaConfig
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ar_program, compile_and_time, csv_ints, emit_json, random_init, speed_fields  # noqa: E402
+
 VOCAB, DIM, LAYERS, HEADS, FFN = 32000, 512, 8, 8, 2048
-
-
-def _csv_ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def _init(cls: type[nnx.Module], config: Any) -> tuple[nnx.GraphDef, nnx.State, int]:
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))
-    # Initialising under jit compiles one program instead of dispatching every initializer eagerly.
-    state = jax.jit(lambda: nnx.split(cls(config, rngs=nnx.Rngs(0)))[1])()
-    return graphdef, state, int(sum(x.size for x in jax.tree.leaves(state)))
-
-
-def _time(compiled: Callable, args: tuple, repeats: int) -> list[float]:
-    # One untimed run first: the first call of a compiled program also pays for buffer allocation.
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def flow_program(graphdef: nnx.GraphDef, steps: int, batch: int, length: int, schedule: str) -> Callable:
@@ -75,33 +53,20 @@ def flow_program(graphdef: nnx.GraphDef, steps: int, batch: int, length: int, sc
 
 def bench_flow(graphdef, state, steps: int, batch: int, length: int, repeats: int, schedule: str) -> dict:
     args = (state, jax.random.key(0))
-    start = time.perf_counter()
-    compiled = flow_program(graphdef, steps, batch, length, schedule).lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    times = _time(compiled, args, repeats)
-    steady_s = min(times)
+    program = flow_program(graphdef, steps, batch, length, schedule)
+    _, compile_s, times = compile_and_time(program, args, repeats, warmup=True)
     return {
         "sampler": "flow", "steps": steps, "batch": batch, "length": length, "new_tokens": length,
-        "compile_s": round(compile_s, 3), "steady_s": round(steady_s, 4), "all_runs_s": [round(t, 4) for t in times],
-        "ms_per_step": round(1000 * steady_s / steps, 3), "tokens_per_s": round(batch * length / steady_s, 1),
+        **speed_fields(compile_s, times, steps, batch * length),
     }
 
 
 def bench_ar(graphdef, state, batch: int, length: int, repeats: int) -> dict:
     new_tokens = length - 1  # the 1-token prompt (BOS) is part of the sequence
-    settings = SamplingSettings(max_new_tokens=new_tokens)
-    prompt = jnp.ones((batch, 1), jnp.int32)
-    args = (state, prompt, jnp.ones((batch, 1), bool), jax.random.key(0), jnp.float32(1.0))
-    start = time.perf_counter()
-    compiled = make_generate_fn(graphdef, settings).lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    times = _time(compiled, args, repeats)
-    steady_s = min(times)
+    _, compile_s, times = compile_and_time(*ar_program(graphdef, state, batch, new_tokens), repeats, warmup=True)
     return {
         "sampler": "autoregressive", "batch": batch, "length": length, "new_tokens": new_tokens,
-        "compile_s": round(compile_s, 3), "steady_s": round(steady_s, 4), "all_runs_s": [round(t, 4) for t in times],
-        "ms_per_step": round(1000 * steady_s / new_tokens, 3),
-        "tokens_per_s": round(batch * new_tokens / steady_s, 1),
+        **speed_fields(compile_s, times, new_tokens, batch * new_tokens),
     }
 
 
@@ -121,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.lengths = "128"
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
-    steps, batches, lengths = _csv_ints(args.steps), _csv_ints(args.batches), _csv_ints(args.lengths)
+    steps, batches, lengths = csv_ints(args.steps), csv_ints(args.batches), csv_ints(args.lengths)
     if min(steps + batches + lengths) < 1 or min(lengths) < 2 or args.repeats < 1:
         parser.error("steps, batches and repeats must be >= 1 and lengths >= 2")
     max_len = max(lengths)
@@ -134,8 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
         vocab_size=VOCAB, dim=DIM, num_layers=LAYERS, num_heads=HEADS, ffn_hidden=FFN, max_len=max_len,
         dtype=args.dtype,
     )
-    flow_graph, flow_state, flow_params = _init(TokenFlow, flow_cfg)
-    ar_graph, ar_state, ar_params = _init(Llama, ar_cfg)
+    flow_graph, flow_state, flow_params = random_init(TokenFlow, flow_cfg)
+    ar_graph, ar_state, ar_params = random_init(Llama, ar_cfg)
     report: dict[str, Any] = {
         "benchmark": "sampling",
         "backend": jax.default_backend(),
@@ -170,11 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "flow_tokens_per_s": cell["tokens_per_s"], "ar_tokens_per_s": ar["tokens_per_s"],
                     "speedup": round(cell["tokens_per_s"] / ar["tokens_per_s"], 2),
                 })
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit_json(report, args.out)
     return report
 
 
