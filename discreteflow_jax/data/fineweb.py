@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from discreteflow_jax.data.tokenizers import DataError, Tokenizer, check_process, resolve_data_dir
+from discreteflow_jax.data.tokenizers import DataError, TokenDataset, Tokenizer, resolve_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _find_local_files(path: str) -> tuple[str, list[str]]:
     return kinds.pop(), files
 
 
-class FineWebData:
+class FineWebData(TokenDataset):
     """Packed GPT-2-token rows from FineWeb (or local files), with a held-out split and exact resume.
 
     ``train_batch(step, batch_size)`` consumes rows sequentially; steps must be called in order (a step beyond
@@ -93,18 +93,11 @@ class FineWebData:
         shuffle_buffer: int = 10_000,
         data_dir: str | None = None,
     ) -> None:
-        if seq_len <= 0:
-            raise DataError(f"seq_len must be positive, got {seq_len}")
+        super().__init__(seq_len, tokenizer, seed, process_index, process_count)
         if val_rows < 0:
             raise DataError(f"val_rows must be non-negative, got {val_rows}")
         if shuffle_buffer < 0:
             raise DataError(f"shuffle_buffer must be non-negative, got {shuffle_buffer}")
-        check_process(process_index, process_count)
-        self.seq_len = int(seq_len)
-        self.tokenizer = tokenizer
-        self.seed = int(seed)
-        self.process_index = int(process_index)
-        self.process_count = int(process_count)
         self.val_rows = int(val_rows)
         self.shuffle_buffer = int(shuffle_buffer)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from discreteflow_jax.data.tokenizers import (
     DataError,
+    TokenDataset,
     Tokenizer,
     check_process,
     default_cache_dir,
@@ -89,7 +90,7 @@ def _encode_cached(text: str, tokenizer: Tokenizer) -> np.ndarray:
     return tokens
 
 
-class ShakespeareData:
+class ShakespeareData(TokenDataset):
     """Tiny Shakespeare tokenized as one string and split by token position: train first, validation last.
 
     Training windows start at uniformly random offsets drawn from ``np.random.default_rng([seed, step,
@@ -107,16 +108,9 @@ class ShakespeareData:
         process_index: int = 0,
         process_count: int = 1,
     ) -> None:
-        if seq_len <= 0:
-            raise DataError(f"seq_len must be positive, got {seq_len}")
+        super().__init__(seq_len, tokenizer, seed, process_index, process_count)
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        check_process(process_index, process_count)
-        self.seq_len = int(seq_len)
-        self.tokenizer = tokenizer
-        self.seed = int(seed)
-        self.process_index = int(process_index)
-        self.process_count = int(process_count)
         self.val_fraction = float(val_fraction)
 
         tokens = _encode_cached(load_shakespeare_text(data_dir), tokenizer)

@@ -1,4 +1,5 @@
-"""Tokenizers (LLaMA SentencePiece and GPT-2 byte-level BPE) and data-folder resolution.
+"""Tokenizers (LLaMA SentencePiece and GPT-2 byte-level BPE), data-folder resolution, and what the
+datasets share (``check_process``, ``TokenDataset``).
 
 Files are looked up in an offline *data folder* first (config field ``data.data_dir`` or, when that is
 empty, the env var ``DISCRETEFLOW_DATA_DIR``), with this layout::
@@ -78,6 +79,23 @@ def check_process(process_index: int, process_count: int) -> None:
     """Raises DataError unless ``0 <= process_index < process_count``."""
     if process_count <= 0 or not 0 <= process_index < process_count:
         raise DataError(f"need 0 <= process_index < process_count, got {process_index} and {process_count}")
+
+
+class TokenDataset:
+    """Base of the datasets: checks and keeps the arguments every one takes. Rows are ``seq_len``
+    tokens from ``tokenizer``; this process reads shard ``process_index`` of ``process_count``,
+    in an order drawn from ``seed``. The train loop uses ``train_batch(step, batch_size)``,
+    ``val_batches(batch_size, num_batches)``, ``state()`` and ``restore(state)``."""
+
+    def __init__(self, seq_len: int, tokenizer: Tokenizer, seed: int, process_index: int, process_count: int) -> None:
+        if seq_len <= 0:
+            raise DataError(f"seq_len must be positive, got {seq_len}")
+        check_process(process_index, process_count)
+        self.seq_len = int(seq_len)
+        self.tokenizer = tokenizer
+        self.seed = int(seed)
+        self.process_index = int(process_index)
+        self.process_count = int(process_count)
 
 
 def _local_file(data_dir: str | None, relpath: str) -> str | None:
