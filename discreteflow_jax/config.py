@@ -165,6 +165,10 @@ def validate_tokenflow_model(model: TokenFlowConfig, data: DataConfig) -> None:
             f"config.data.seq_len={data.seq_len} is longer than the model supports "
             f"(config.model.max_len={model.max_len}); raise max_len or shorten seq_len"
         )
+    if not isinstance(model.loss_chunk, int) or isinstance(model.loss_chunk, bool) or model.loss_chunk < 0:
+        raise ConfigError(
+            f"config.model.loss_chunk must be a whole number of tokens >= 0 (0 = full logits), got {model.loss_chunk!r}"
+        )
     if model.singular_eps <= 0:
         raise ConfigError("config.model.singular_eps must be > 0 (it keeps the singular logits finite at t=1)")
 

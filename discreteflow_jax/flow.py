@@ -13,6 +13,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from discreteflow_jax.models.linear_ce import cross_entropy  # noqa: F401  (re-exported: flow.cross_entropy)
 from discreteflow_jax.models.tokenflow import TokenFlow
 
 TIME_SAMPLERS = ("uniform", "logit_normal", "power")
@@ -84,10 +85,10 @@ def flow_loss(
     if known_BT is not None:
         x_t = jnp.where(known_BT[..., None], x1, x_t)
         mask = mask * (1.0 - known_BT.astype(jnp.float32))
-    logits = model(x_t, t_B, context)
-    token_loss = cross_entropy(logits, tokens_BT)
     num_tokens = jnp.maximum(mask.sum(), 1.0)
-    loss = jnp.sum(token_loss * mask) / num_tokens
+    # The loss is Σ CE·mask / num_tokens; with model.loss_chunk the logits are never stored whole.
+    loss, token_loss = model.token_losses(x_t, t_B, tokens_BT, mask / num_tokens, context)
+    token_loss = jax.lax.stop_gradient(token_loss)  # metrics only
     seq_tokens = mask.sum(axis=1)
     seq_loss = jnp.sum(token_loss * mask, axis=1) / jnp.maximum(seq_tokens, 1.0)
     bucket_loss, bucket_weight = bucket_sums(seq_loss, t_B, seq_tokens, num_buckets)
@@ -124,14 +125,6 @@ def random_known_mask(
     # Keep one position unknown (the last one of an all-known row): its loss must exist.
     spans = spans & ~(jnp.all(spans, axis=1, keepdims=True) & (pos[None, :] == seq_len - 1))
     return on[:, None] & jnp.where(use_prefix[:, None], prefix, spans)
-
-
-def cross_entropy(logits_BTV: jax.Array, labels_BT: jax.Array) -> jax.Array:
-    """Per-token cross-entropy in fp32, written so XLA fuses it with the logits (no log-softmax
-    buffer is kept: logsumexp minus the label logit)."""
-    logits = logits_BTV.astype(jnp.float32)
-    label_logit = jnp.take_along_axis(logits, labels_BT[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - label_logit
 
 
 def time_grid(steps: int, schedule: str = "uniform", param: float = 2.0) -> jax.Array:

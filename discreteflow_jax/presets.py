@@ -42,6 +42,12 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     c.model.context_dim = 0  # cross-attention context width; 0 = dim
     c.model.dtype = "float32"  # activation dtype: float32 | bfloat16 (params, logits, losses stay fp32)
     c.model.remat = "none"  # none | full | save_dots: recompute block activations in the backward pass
+    # Training loss: tokens per chunk (per device) of the fused output-layer + cross-entropy loop, so
+    # the [batch, seq, vocab] logits and their gradient are never stored whole (same loss and
+    # gradients up to float32 rounding, same FLOPs). 0 = form the full logits (the reference path).
+    # 128: at d512/vocab 32000/batch 8×128 smaller chunks save no more memory (measured on the CPU);
+    # larger ones mean fewer, bigger matmuls (accelerators) for chunk×vocab floats per buffer.
+    c.model.loss_chunk = 128
 
     c.flow = ml_collections.ConfigDict()
     c.flow.time_sampler = "uniform"  # uniform (original) | power (u**p, more small t) | logit_normal

@@ -269,6 +269,13 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical)))
 
 
+def axis_shards(logical: str) -> int:
+    """How many ways ``constrain`` splits an activation dimension with this logical axis name
+    (as the first dimension of its array; 1 outside a multi-device mesh)."""
+    mesh = _ACTIVATION_MESH.get()
+    return 1 if mesh is None else _axis_size(mesh, LOGICAL_RULES.get(logical))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(LOGICAL_RULES["batch"]))
 

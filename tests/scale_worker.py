@@ -31,6 +31,9 @@ TINY = {
     "model.vocab_size": 256, "model.dim": 32, "model.num_layers": 1, "model.num_heads": 2, "model.time_features": 32,
     "model.ffn_hidden": 64, "model.max_len": 16, "data.seq_len": 16, "train.batch_size": 16,
     "train.grad_accum": 2, "train.warmup_steps": 1, "train.num_steps": 3, "model.dtype": "float32",
+    # Fused output+loss chunks of 24 tokens per device: several chunks (with a padded last one) on
+    # one device, a different split on each mesh, all of which must give the same training.
+    "model.loss_chunk": 24,
 }
 
 

@@ -54,6 +54,7 @@ def test_unknown_variant_lists_valid_ones():
         ("train.grad_accum", 3, "must be divisible by config.train.grad_accum=3"),
         ("train.lr", -1.0, "lr must be > 0"),
         ("model.num_layers", 0, "positive integer"),
+        ("model.loss_chunk", -1, "loss_chunk must be a whole number of tokens >= 0"),
     ],
 )
 def test_validation_messages(field, value, message):

@@ -198,3 +198,151 @@ def test_velocity_identity_and_euler_endpoint():
     x1_hat = jnp.zeros((1, 1, 2))
     np.testing.assert_allclose(flow.euler_update(x, x1_hat, jnp.float32(0.5), jnp.float32(1.0)), x1_hat)
     np.testing.assert_allclose(flow.euler_update(x, x1_hat, jnp.float32(0.0), jnp.float32(0.5)), 0.5 * x)
+
+
+# -- fused, chunked output layer + cross-entropy (model.loss_chunk) ------------------------------
+def _reference_linear_ce(features, weights, layouts, scales, labels, loss_weights):
+    logits = 0.0
+    for f, w, lay, sc in zip(features, weights, layouts, scales):
+        u = jnp.einsum("btk,vk->btv" if lay == "vk" else "btk,kv->btv", f, w)
+        logits = logits + (u if sc is None else u * sc)
+    token_loss = flow.cross_entropy(logits, labels)
+    return jnp.sum(token_loss * loss_weights), token_loss
+
+
+def _linear_ce_inputs(untied: bool, v: int = 48):
+    """B=3, T=7; features of the fused tied head, or of an untied head plus a scaled embedding
+    term. V=48: 16 vocabulary blocks of 3 rows; V=37: 16 blocks of 3 rows, the last 11 padding."""
+    keys = jax.random.split(jax.random.key(20), 7)
+    b, t, d = 3, 7, 8
+    emb = jax.random.normal(keys[0], (v, d))
+    scales = 1.0 + jax.random.uniform(keys[1], (v,))
+    labels = jax.random.randint(keys[2], (b, t), 0, v)
+    loss_weights = jax.random.uniform(keys[3], (b, t)).at[1, 4:].set(0.0)
+    h = 2.0 * jax.random.normal(keys[4], (b, t, d))
+    if not untied:
+        return [h], [emb], ["vk"], [scales], labels, loss_weights
+    kernel = jax.random.normal(keys[5], (d, v))
+    x = jax.random.normal(keys[6], (b, t, d))
+    return [h, x], [kernel, emb], ["kv", "vk"], [None, scales], labels, loss_weights
+
+
+@pytest.mark.parametrize("vocab", [48, 37])
+@pytest.mark.parametrize("untied", [False, True])
+@pytest.mark.parametrize("tokens_per_chunk", [1, 6, 9, 21, 1000])  # 6 and 9 do not divide T=7 positions
+def test_linear_cross_entropy_matches_full_logits(untied, tokens_per_chunk, vocab):
+    from discreteflow_jax.models.linear_ce import linear_cross_entropy
+
+    features, weights, layouts, scales, labels, lw = _linear_ce_inputs(untied, vocab)
+
+    def ours(features, weights, scales, lw):
+        return linear_cross_entropy(features, weights, layouts, labels, lw, tokens_per_chunk=tokens_per_chunk,
+                                    scales=scales)
+
+    def ref(features, weights, scales, lw):
+        return _reference_linear_ce(features, weights, layouts, scales, labels, lw)
+
+    # Without gradients (the primal path) and under value_and_grad (the fused forward+gradient path).
+    (s1, tok1), (s0, tok0) = ours(features, weights, scales, lw), ref(features, weights, scales, lw)
+    np.testing.assert_allclose(tok1, tok0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s1, s0, rtol=1e-5)
+    argnums = (0, 1, 2, 3)
+    (v1, _), g1 = jax.value_and_grad(ours, argnums, has_aux=True)(features, weights, scales, lw)
+    (v0, _), g0 = jax.value_and_grad(ref, argnums, has_aux=True)(features, weights, scales, lw)
+    np.testing.assert_allclose(v1, v0, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+    # Differentiating the per-token losses as well takes the exact recomputing backward pass.
+    def mixed(fn):
+        def f(features, weights, scales, lw):
+            total, tokens = fn(features, weights, scales, lw)
+            return total + jnp.sum(jnp.sin(tokens))
+        return jax.grad(f, argnums)(features, weights, scales, lw)
+
+    for a, b in zip(jax.tree.leaves(mixed(ours)), jax.tree.leaves(mixed(ref)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_cross_entropy_rejects_bad_arguments():
+    from discreteflow_jax.models.linear_ce import linear_cross_entropy
+
+    features, weights, layouts, scales, labels, lw = _linear_ce_inputs(False)
+    with pytest.raises(ValueError, match="tokens_per_chunk must be a positive number"):
+        linear_cross_entropy(features, weights, layouts, labels, lw, tokens_per_chunk=0)
+    with pytest.raises(ValueError, match="unknown weight layout"):
+        linear_cross_entropy(features, weights, ["dv"], labels, lw, tokens_per_chunk=4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(tie_embeddings=True), dict(tie_embeddings=False), dict(tie_embeddings=True, singular_logits=False),
+     dict(tie_embeddings=False, singular_logits=False), dict(fused_singular=False)],
+    ids=["tied", "untied", "tied_no_singular", "untied_no_singular", "two_term_reference"],
+)
+def test_chunked_flow_loss_and_gradients_equal_unchunked(variant, dtype):
+    """loss_chunk > 0 gives the loss, metrics and parameter gradients (embedding, untied head,
+    blocks) of the full-logits path, for chunks that do and do not divide the sequence."""
+    model = make_model(vocab_size=48, dtype=dtype, **variant)
+    graphdef, params = nnx.split(model)
+    tokens = jax.random.randint(jax.random.key(10), (3, 7), 0, 48)
+    mask = jnp.ones((3, 7)).at[0, 5:].set(0.0)
+    t = jnp.array([0.05, 0.3, 0.7])  # mostly small t: the loss and its gradient are not ~0
+
+    def run(chunk):
+        def f(p):
+            m = nnx.merge(graphdef, p)
+            m.cfg = dataclasses.replace(m.cfg, loss_chunk=chunk)
+            return flow.flow_loss(m, tokens, mask, jax.random.key(11), t_B=t)
+
+        return jax.value_and_grad(f, has_aux=True)(params)
+
+    (l0, m0), g0 = run(0)
+    assert float(l0) > 0.1
+    assert model.lm_head is None or "lm_head" in nnx.to_pure_dict(g0)
+    for chunk in (1, 5, 6, 1000):  # positions per chunk: 1, 1, 2 (pads 7 to 8), 7
+        (l1, m1), g1 = run(chunk)
+        np.testing.assert_allclose(l1, l0, rtol=1e-5)
+        for name in ("loss_sum", "bucket_loss_sum"):
+            # ~0 losses at large t differ by float32 rounding of a logsumexp (~1e-6 per token)
+            np.testing.assert_allclose(m1[name], m0[name], rtol=1e-5, atol=5e-5)
+        # bf16 activations: a float32 rounding difference in a gradient can flip one bf16 rounding
+        # (2^-8 relative) on its way back through the network.
+        tol = 2e-5 if dtype == "float32" else 1e-2
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g0), strict=True):
+            scale = float(jnp.max(jnp.abs(b))) + 1e-12
+            np.testing.assert_allclose(a / scale, b / scale, atol=tol, err_msg=f"chunk {chunk}: {path}")
+
+
+def test_swiglu_softmax_and_row_lookup_match_autodiff():
+    """The memory-saving custom gradients of layers.py equal plain autodiff."""
+    from discreteflow_jax.models.layers import softmax_last, swiglu_down, take_rows
+
+    keys = jax.random.split(jax.random.key(12), 6)
+    gate = 3.0 * jax.random.normal(keys[0], (2, 5, 12))
+    up = jax.random.normal(keys[1], (2, 5, 12))
+    kernel = jax.random.normal(keys[2], (12, 4))
+    probe = jax.random.normal(keys[3], (2, 5, 4))
+
+    def check(ours, ref, args, rtol):
+        np.testing.assert_allclose(ours(*args), ref(*args), rtol=rtol, atol=rtol)
+        argnums = tuple(range(len(args)))
+        for a, b in zip(jax.grad(ours, argnums)(*args), jax.grad(ref, argnums)(*args), strict=True):
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol)
+
+    check(lambda g, u, k: jnp.sum(swiglu_down(g, u, k) * probe),
+          lambda g, u, k: jnp.sum(((jax.nn.silu(g) * u) @ k) * probe), (gate, up, kernel), 1e-5)
+    bf = jnp.bfloat16
+    check(lambda g, u, k: jnp.sum(swiglu_down(g, u, k).astype(jnp.float32) * probe),
+          lambda g, u, k: jnp.sum(((jax.nn.silu(g) * u) @ k).astype(jnp.float32) * probe),
+          (gate.astype(bf), up.astype(bf), kernel.astype(bf)), 3e-2)
+    scores = 4.0 * jax.random.normal(keys[4], (2, 3, 6))
+    weights = jax.random.normal(keys[5], (2, 3, 6))
+    check(lambda x: jnp.sum(softmax_last(x) * weights), lambda x: jnp.sum(jax.nn.softmax(x) * weights),
+          (scores,), 1e-5)
+    table = jax.random.normal(keys[0], (9, 4))
+    idx = jnp.array([[0, 3, 3], [8, 0, 1]])
+    rows_probe = jax.random.normal(keys[1], (2, 3, 4))
+    check(lambda tb: jnp.sum(take_rows(tb, idx) * rows_probe), lambda tb: jnp.sum(tb[idx] * rows_probe),
+          (table,), 1e-6)

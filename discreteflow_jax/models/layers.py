@@ -54,6 +54,30 @@ def linear(
     )
 
 
+@jax.custom_vjp
+def take_rows(table: jax.Array, idx: jax.Array) -> jax.Array:
+    """``jnp.take(table, idx, axis=0)`` whose gradient (a scatter-add into a zero [rows, d] table)
+    allocates that table only once the incoming gradient exists. Autodiff of ``jnp.take`` creates
+    the zero table from a constant, which a scheduler may place at the start of the program,
+    holding a full table-sized buffer through the whole forward pass."""
+    return jnp.take(table, idx, axis=0)
+
+
+def _take_rows_fwd(table, idx):
+    return take_rows(table, idx), (table, idx)
+
+
+def _take_rows_bwd(residuals, g):
+    table, idx = residuals
+    # +0 or −0 depending on the gradient: equal to zero either way, but not a constant.
+    zero = jnp.where(jnp.isnan(g.reshape(-1)[0]), -0.0, 0.0).astype(g.dtype)
+    base = jnp.broadcast_to(zero, table.shape)
+    return base.at[idx].add(g), None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
 class RMSNorm(nnx.Module):
     """Root-mean-square norm, computed in fp32. ``use_scale=False`` gives the affine-free
     variant used before adaLN modulation."""
@@ -121,9 +145,30 @@ def dot_product_attention(
     logits = logits / math.sqrt(d)
     if mask_BTS is not None:
         logits = jnp.where(mask_BTS[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
+    probs = softmax_last(logits).astype(v_BSKD.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD)
     return out.reshape(b, t, num_heads, d)
+
+
+@jax.custom_vjp
+def softmax_last(x: jax.Array) -> jax.Array:
+    """Softmax over the last axis as exp(x − logsumexp(x)), keeping only its output for the
+    backward pass (y·(g − Σ y·g)). Written as exp of a shifted input rather than exp/sum so that
+    XLA keeps the probabilities themselves, not the exponentials and a broadcast reciprocal of
+    their sums that it would recombine in the backward pass (two more [.., T, S] buffers)."""
+    return jnp.exp(x - jax.nn.logsumexp(x, axis=-1, keepdims=True))
+
+
+def _softmax_last_fwd(x):
+    y = softmax_last(x)
+    return y, y
+
+
+def _softmax_last_bwd(y, g):
+    return (y * (g - jnp.sum(y * g, axis=-1, keepdims=True)),)
+
+
+softmax_last.defvjp(_softmax_last_fwd, _softmax_last_bwd)
 
 
 class Attention(nnx.Module):
@@ -232,7 +277,51 @@ class SwiGLU(nnx.Module):
         self.down_proj = linear(hidden, dim, stddev=out_init_std, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        down = self.down_proj
+        if down.bias is not None or down.dtype is None:
+            return down(jax.nn.silu(gate) * up)
+        # nnx.Linear's computation (the kernel cast to the compute dtype, then the matmul), with a
+        # backward pass that keeps only gate and up (see ``swiglu_down``).
+        return swiglu_down(gate, up, down.kernel[...].astype(down.dtype))
+
+
+def _swiglu_down_primal(gate: jax.Array, up: jax.Array, kernel: jax.Array) -> jax.Array:
+    h = jax.nn.silu(gate) * up
+    return jax.lax.dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def swiglu_down(gate: jax.Array, up: jax.Array, kernel: jax.Array) -> jax.Array:
+    """(silu(gate)·up) @ kernel, the SwiGLU output projection. Same values and derivatives as the
+    plain expression, but the backward pass keeps only gate and up and recomputes silu(gate)·up
+    and its derivative terms; autodiff of the plain form stores silu(gate)·up as well (and
+    sigmoid(gate), silu(gate) unless XLA recomputes them), i.e. one to three more
+    [tokens, hidden] buffers per layer through the whole forward pass."""
+    return _swiglu_down_primal(gate, up, kernel)
+
+
+def _swiglu_down_fwd(gate, up, kernel):
+    return _swiglu_down_primal(gate, up, kernel), (gate, up, kernel)
+
+
+def _swiglu_down_bwd(residuals, g):
+    gate, up, kernel = residuals
+    lead = tuple(range(g.ndim - 1))
+    dh = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+    # Make the recomputation depend on the incoming gradient, so that no scheduler can run it (and
+    # keep its results) during the forward pass. Where dh is NaN, g is not finite and the
+    # gradients are NaN either way.
+    gate = jnp.where(jnp.isnan(dh), dh, gate)
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    h = silu * up
+    d_kernel = jax.lax.dot_general(h, g, ((lead, lead), ((), ())))
+    # d silu(x)/dx = σ(x) + x·σ(x)(1 − σ(x)), the derivative autodiff takes of x·σ(x).
+    return dh * up * (sig + silu * (1 - sig)), dh * silu, d_kernel
+
+
+swiglu_down.defvjp(_swiglu_down_fwd, _swiglu_down_bwd)
 
 
 def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:

@@ -30,7 +30,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from discreteflow_jax.models.layers import Attention, RMSNorm, SwiGLU, linear, swiglu_hidden, truncated_normal_init
+from discreteflow_jax.models.layers import (
+    Attention,
+    RMSNorm,
+    SwiGLU,
+    linear,
+    swiglu_hidden,
+    take_rows,
+    truncated_normal_init,
+)
+from discreteflow_jax.models.linear_ce import cross_entropy, linear_cross_entropy
 from discreteflow_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -58,6 +67,7 @@ class TokenFlowConfig:
     context_dim: int = 0  # width of the cross-attention context; 0: dim
     dtype: str = "float32"  # activation dtype; parameters and logits stay fp32
     remat: str = "none"
+    loss_chunk: int = 0  # training loss: tokens per chunk (per device) of the fused output+CE loop; 0: full logits
 
     @property
     def ffn_width(self) -> int:
@@ -155,14 +165,20 @@ class TokenFlow(nnx.Module):
     # -- embeddings -------------------------------------------------------------------------
     def embeddings(self) -> jax.Array:
         """The normalized embedding matrix E [V, d] (fp32); every row has norm embed_scale·sqrt(d)."""
+        return self.embedding[...].astype(jnp.float32) * self.embedding_row_scales()[:, None]
+
+    def embedding_row_scales(self) -> jax.Array:
+        """s [V] with E = diag(s)·embedding: the per-row factor of the normalization."""
         raw = self.embedding[...].astype(jnp.float32)
-        return raw * (self.cfg.row_norm * jax.lax.rsqrt(jnp.sum(raw * raw, axis=-1, keepdims=True) + 1e-12))
+        return self.cfg.row_norm * jax.lax.rsqrt(jnp.sum(raw * raw, axis=-1) + 1e-12)
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
         # Under FSDP, gather the table's embed dimension first: a lookup into the fsdp-sharded table
         # would come out sharded over embed and need an all-to-all back to batch sharding.
-        emb = constrain(self.embeddings(), ("vocab", None))
-        return constrain(jnp.take(emb, tokens_BT, axis=0), ("batch", "length", "embed"))
+        # Rows of the raw table times their scales: the numbers of E[tokens], without forming E.
+        raw = constrain(self.embedding[...].astype(jnp.float32), ("vocab", None))
+        scales = jnp.take(self.embedding_row_scales(), tokens_BT, axis=0)[..., None]
+        return constrain(take_rows(raw, tokens_BT) * scales, ("batch", "length", "embed"))
 
     # -- network ----------------------------------------------------------------------------
     def hidden(self, x_t: jax.Array, t_B: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -212,6 +228,49 @@ class TokenFlow(nnx.Module):
             return jnp.einsum("btd,vd->btv", h_BTD, emb)
         kernel = self.lm_head.kernel[...].astype(jnp.float32)
         return jnp.einsum("btd,dv->btv", h_BTD, kernel)
+
+    # -- training loss ----------------------------------------------------------------------
+    def token_losses(
+        self, x_t: jax.Array, t_B: jax.Array, tokens_BT: jax.Array, weights_BT: jax.Array,
+        context: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """(Σ weights·CE, CE per token [B, T]) of the clean tokens under ``self(x_t, t_B, context)``.
+
+        Only the weighted sum is meant to be differentiated (it is the loss). With
+        ``cfg.loss_chunk > 0`` the output layer and the cross-entropy run fused, a chunk of
+        positions at a time (``linear_ce.linear_cross_entropy``), so the [B, T, V] logits and
+        their gradient are never stored; same values and gradients up to float32 rounding.
+        The reference two-term singular form (``fused_singular=False``) always uses full logits.
+        """
+        cfg = self.cfg
+        if cfg.loss_chunk == 0 or (cfg.singular_logits and not cfg.fused_singular):
+            token_loss = cross_entropy(self(x_t, t_B, context), tokens_BT)
+            return jnp.sum(token_loss * weights_BT), token_loss
+        h = self.hidden(x_t, t_B, context).astype(jnp.float32)
+        x_t = constrain(x_t, ("batch", "length", "embed"))
+        features, weights, layouts, scales = self._logit_terms(h, x_t, t_B)
+        return linear_cross_entropy(
+            features, weights, layouts, tokens_BT, weights_BT, tokens_per_chunk=cfg.loss_chunk, scales=scales
+        )
+
+    def _logit_terms(self, h_BTD: jax.Array, x_t: jax.Array, t_B: jax.Array):
+        """``output_logits`` (fused forms) as Σ_i (features_i · weights_iᵀ) ⊙ scales_i, for
+        ``linear_cross_entropy``. E enters as the raw table with its row scales, so the
+        normalized [V, d] matrix is never formed in the training step."""
+        cfg = self.cfg
+        raw = self.embedding[...].astype(jnp.float32)
+        row_scales = self.embedding_row_scales()
+        if self.lm_head is None:
+            head = (raw, "vk", row_scales)
+        else:
+            head = (self.lm_head.kernel[...].astype(jnp.float32), "kv", None)
+        if not cfg.singular_logits:
+            return [h_BTD], [head[0]], [head[1]], [head[2]]
+        coeff = singular_coefficient(t_B, cfg.sigma, cfg.singular_eps)[:, None, None]
+        singular = coeff * x_t.astype(jnp.float32)
+        if self.lm_head is None:
+            return [h_BTD + singular], [raw], ["vk"], [row_scales]
+        return [h_BTD, singular], [head[0], raw], ["kv", "vk"], [None, row_scales]
 
 
 def singular_logits(x_t: jax.Array, t_B: jax.Array, emb_VD: jax.Array, sigma: float, eps: float) -> jax.Array:
