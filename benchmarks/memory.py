@@ -11,7 +11,8 @@ inputs and reads XLA's ``memory_analysis()`` and ``cost_analysis()`` of the comp
 program. Each point is one compile (about a minute for the FineWeb models on a 2-core CPU), so
 the default grid is small; memory is linear in the batch, so two batch sizes per policy give
 the line ``fixed + per_sequence · batch`` that ``--fit`` prints and the launch README's
-recommendations come from.
+recommendations come from. With the fused chunked loss (``model.loss_chunk > 0``) the FLOPs come
+from a second compile with ``loss_chunk=0``: XLA counts a loop body once.
 
 Caveats: this is the CPU backend's plan. TPU/GPU compilers fuse and schedule differently and
 keep bf16 natively (the CPU may widen some bf16 temporaries), so treat the numbers as a guide
@@ -61,7 +62,7 @@ from absl import app, flags  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import RandomTokens, compiled_stats  # noqa: E402
+from step_time import RandomTokens, compiled_stats, unchunked_gflops  # noqa: E402
 
 from discreteflow_jax import sharding as shd  # noqa: E402
 from discreteflow_jax.config import parse_config  # noqa: E402
@@ -159,6 +160,9 @@ def plan_point(name: str, per_device: int, remat: str, dtype: str, mesh: list[in
         compile_s = time.perf_counter() - t0
         trainer.ckpt.close()
     stats = compiled_stats(compiled)
+    if getattr(cfg.model, "loss_chunk", 0) and "gflops_per_step" in stats:
+        # XLA counts a loop body once: read the FLOPs of the fused loss from its unchunked twin.
+        stats["gflops_per_step"] = unchunked_gflops(config, **kwargs)
     devices = jax.device_count()
     return {
         "config": name, "task": cfg.task, "per_device_batch": per_device, "global_batch": cfg.train.batch_size,
