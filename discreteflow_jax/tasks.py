@@ -56,8 +56,11 @@ def context_gain_sums(
     x_t = flow.noisy_path(x1, model.cfg.sigma * jax.random.normal(key, x1.shape, jnp.float32), t_B)
     keep = jnp.arange(t) % 2 == 0
     scrambled = jnp.where(keep[None, :, None], x_t, jnp.roll(x_t, 1, axis=0))
-    intact_ce = flow.cross_entropy(model(x_t, t_B), tokens_BT)
-    scrambled_ce = flow.cross_entropy(model(scrambled, t_B), tokens_BT)
+    # Per-token losses through the model's loss path: with ``loss_chunk`` set, no [B, T, V]
+    # logits are formed here either (validation batches are whole batches, not micro-batches).
+    ones = jnp.ones(tokens_BT.shape, jnp.float32)
+    intact_ce = model.token_losses(x_t, t_B, tokens_BT, ones)[1]
+    scrambled_ce = model.token_losses(scrambled, t_B, tokens_BT, ones)[1]
     weight = keep.astype(jnp.float32)
     kept = jnp.sum(weight)
     gain_B = jnp.sum((scrambled_ce - intact_ce) * weight, axis=1) / kept

@@ -14,8 +14,10 @@ from discreteflow_jax.tasks import context_gain_sums, summarize_flow
 VOCAB, SEQ, BATCH, BUCKETS = 50, 6, 4, 5
 
 
-def _model(num_layers: int) -> TokenFlow:
-    cfg = TokenFlowConfig(vocab_size=VOCAB, dim=16, num_layers=num_layers, num_heads=2, max_len=SEQ)
+def _model(num_layers: int, loss_chunk: int = 0) -> TokenFlow:
+    cfg = TokenFlowConfig(
+        vocab_size=VOCAB, dim=16, num_layers=num_layers, num_heads=2, max_len=SEQ, loss_chunk=loss_chunk
+    )
     model = TokenFlow(cfg, rngs=nnx.Rngs(3))
     if num_layers:
         # Make attention matter at init (its output projection starts small).
@@ -37,8 +39,9 @@ def test_network_without_blocks_gains_nothing():
     assert float(sums["context_tokens"].sum()) == BATCH * (SEQ // 2)
 
 
-def test_matches_naive_loop():
-    model = _model(2)
+@pytest.mark.parametrize("loss_chunk", [0, 4])
+def test_matches_naive_loop(loss_chunk):
+    model = _model(2, loss_chunk)
     tokens, t = _inputs()
     key = jax.random.key(1)
     sums = context_gain_sums(model, tokens, t, key, BUCKETS)
