@@ -17,6 +17,9 @@ import orbax.checkpoint as ocp
 # Config sections whose change makes a checkpoint incompatible (a different model or data).
 # Training-schedule fields (num_steps, eval intervals...) may change on resume.
 IDENTITY_FIELDS = ("task", "model", "data.name", "data.tokenizer", "data.seq_len", "causal")
+# Fields inside those sections that only choose how the same mathematics is computed (chunked
+# loss, recomputation): changing them, or resuming a checkpoint written before they existed, is fine.
+COMPUTE_ONLY_FIELDS = ("model.loss_chunk", "model.remat")
 
 
 class CheckpointMismatchError(ValueError):
@@ -68,6 +71,8 @@ def _lookup(tree: dict, dotted: str) -> Any:
 
 
 def _flat_diff(a: Any, b: Any, prefix: str) -> list[str]:
+    if prefix in COMPUTE_ONLY_FIELDS:
+        return []
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):

@@ -97,6 +97,16 @@ def test_mismatched_checkpoint_is_refused(tmp_path, data_dir):
         experiment.run(smoke(**{"model.dim": 64}), workdir, data_dir=data_dir)
 
 
+def test_compute_only_fields_do_not_block_resume():
+    saved = {"task": "tokenflow", "model": {"dim": 32, "remat": "none"}, "data": {"name": "shakespeare"}}
+    # A checkpoint written before model.loss_chunk existed, resumed with a chunked loss and remat.
+    ckpt.check_compatible(saved, {"task": "tokenflow", "model": {"dim": 32, "remat": "full", "loss_chunk": 128},
+                                  "data": {"name": "shakespeare"}}, "run")
+    with pytest.raises(ckpt.CheckpointMismatchError, match="model.dim"):
+        ckpt.check_compatible(saved, {"task": "tokenflow", "model": {"dim": 64, "loss_chunk": 128},
+                                      "data": {"name": "shakespeare"}}, "run")
+
+
 def test_cli_reports_bad_config_without_traceback(tmp_path, data_dir):
     env = dict(os.environ, DISCRETEFLOW_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
     cmd = [
@@ -107,3 +117,4 @@ def test_cli_reports_bad_config_without_traceback(tmp_path, data_dir):
     assert out.returncode == 2
     assert "uniform, logit_normal, power" in out.stderr
     assert "Traceback" not in out.stderr
+
