@@ -88,17 +88,22 @@ def flow_loss(
     num_tokens = jnp.maximum(mask.sum(), 1.0)
     # The loss is Σ CE·mask / num_tokens; with model.loss_chunk the logits are never stored whole.
     loss, token_loss = model.token_losses(x_t, t_B, tokens_BT, mask / num_tokens, context)
-    token_loss = jax.lax.stop_gradient(token_loss)  # metrics only
-    seq_tokens = mask.sum(axis=1)
-    seq_loss = jnp.sum(token_loss * mask, axis=1) / jnp.maximum(seq_tokens, 1.0)
+    return loss, flow_metrics(jax.lax.stop_gradient(token_loss), mask, t_B, num_buckets)
+
+
+def flow_metrics(
+    token_loss_BT: jax.Array, mask_BT: jax.Array, t_B: jax.Array, num_buckets: int
+) -> dict[str, jax.Array]:
+    """Token-weighted loss sums, overall and per t-bucket, of per-token losses (``flow_loss``'s metrics)."""
+    seq_tokens = mask_BT.sum(axis=1)
+    seq_loss = jnp.sum(token_loss_BT * mask_BT, axis=1) / jnp.maximum(seq_tokens, 1.0)
     bucket_loss, bucket_weight = bucket_sums(seq_loss, t_B, seq_tokens, num_buckets)
-    metrics = {
-        "loss_sum": jnp.sum(token_loss * mask),
-        "tokens": mask.sum(),
+    return {
+        "loss_sum": jnp.sum(token_loss_BT * mask_BT),
+        "tokens": mask_BT.sum(),
         "bucket_loss_sum": bucket_loss,
         "bucket_tokens": bucket_weight,
     }
-    return loss, metrics
 
 
 def random_known_mask(

@@ -37,7 +37,8 @@ def summarize_flow(sums: dict, prefix: str, num_buckets: int) -> dict[str, float
 
 
 def context_gain_sums(
-    model: TokenFlow, tokens_BT: jax.Array, t_B: jax.Array, key: jax.Array, num_buckets: int
+    model: TokenFlow, x_t: jax.Array, t_B: jax.Array, tokens_BT: jax.Array, intact_ce_BT: jax.Array,
+    num_buckets: int,
 ) -> dict[str, jax.Array]:
     """How much the network's predictions rely on the surrounding text, per t-bucket.
 
@@ -46,24 +47,22 @@ def context_gain_sums(
     unchanged, is compared with that on the intact sequence: gain = CE(scrambled) − CE(intact).
     A network that denoises each position on its own (the unigram prior times the singular
     likelihood is the best such network) gains exactly 0. The mean flow loss cannot show the
-    difference; this number can. Token-weighted sums, like ``flow.flow_loss``'s metrics.
+    difference; this number can. ``intact_ce_BT`` is the per-token loss at ``x_t`` itself (the
+    validation loss already computes it), so this costs one more forward pass. Token-weighted
+    sums, like ``flow.flow_loss``'s metrics.
     """
     b, t = tokens_BT.shape
     if b < 2:  # no other sequence to borrow from
         zeros = jnp.zeros((num_buckets,), jnp.float32)
         return {"context_gain_sum": zeros, "context_tokens": zeros}
-    x1 = model.embed(tokens_BT)
-    x_t = flow.noisy_path(x1, model.cfg.sigma * jax.random.normal(key, x1.shape, jnp.float32), t_B)
     keep = jnp.arange(t) % 2 == 0
     scrambled = jnp.where(keep[None, :, None], x_t, jnp.roll(x_t, 1, axis=0))
-    # Per-token losses through the model's loss path: with ``loss_chunk`` set, no [B, T, V]
-    # logits are formed here either (validation batches are whole batches, not micro-batches).
-    ones = jnp.ones(tokens_BT.shape, jnp.float32)
-    intact_ce = model.token_losses(x_t, t_B, tokens_BT, ones)[1]
-    scrambled_ce = model.token_losses(scrambled, t_B, tokens_BT, ones)[1]
+    # Through the model's loss path: with ``loss_chunk`` set, no [B, T, V] logits are formed here
+    # either (validation batches are whole batches, not micro-batches).
+    scrambled_ce = model.token_losses(scrambled, t_B, tokens_BT, jnp.ones(tokens_BT.shape, jnp.float32))[1]
     weight = keep.astype(jnp.float32)
     kept = jnp.sum(weight)
-    gain_B = jnp.sum((scrambled_ce - intact_ce) * weight, axis=1) / kept
+    gain_B = jnp.sum((scrambled_ce - intact_ce_BT) * weight, axis=1) / kept
     gain_sum, tokens = flow.bucket_sums(gain_B, t_B, jnp.full((b,), kept), num_buckets)
     return {"context_gain_sum": gain_sum, "context_tokens": tokens}
 
@@ -100,8 +99,14 @@ def tokenflow_task(cfg: ExperimentConfig) -> Task:
     def eval_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):
         mask = jnp.ones(tokens.shape, jnp.float32)
         t = stratified_times(jax.random.fold_in(key, 1), tokens.shape[0])
-        sums = flow.flow_loss(model, tokens, mask, key, num_buckets=fc.num_buckets, t_B=t)[1]
-        return dict(sums, **context_gain_sums(model, tokens, t, jax.random.fold_in(key, 2), fc.num_buckets))
+        # One forward pass at x_t serves the validation loss and the context gain; x_t uses the
+        # noise flow_loss would draw from this key.
+        x1 = model.embed(tokens)
+        x0 = model.cfg.sigma * jax.random.normal(jax.random.split(key)[1], x1.shape, jnp.float32)
+        x_t = flow.noisy_path(x1, x0, t)
+        intact_ce = model.token_losses(x_t, t, tokens, mask)[1]
+        sums = flow.flow_metrics(intact_ce, mask, t, fc.num_buckets)
+        return dict(sums, **context_gain_sums(model, x_t, t, tokens, intact_ce, fc.num_buckets))
 
     sample_cache: dict[int, Any] = {}
 

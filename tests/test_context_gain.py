@@ -32,9 +32,20 @@ def _inputs():
     return tokens, t
 
 
+def _noisy(model: TokenFlow, tokens, t, key):
+    x1 = model.embed(tokens)
+    return flow.noisy_path(x1, model.cfg.sigma * jax.random.normal(key, x1.shape), t)
+
+
+def _gain(model: TokenFlow, tokens, t, key):
+    x_t = _noisy(model, tokens, t, key)
+    intact = model.token_losses(x_t, t, tokens, jnp.ones(tokens.shape, jnp.float32))[1]
+    return context_gain_sums(model, x_t, t, tokens, intact, BUCKETS)
+
+
 def test_network_without_blocks_gains_nothing():
     tokens, t = _inputs()
-    sums = context_gain_sums(_model(0), tokens, t, jax.random.key(1), BUCKETS)
+    sums = _gain(_model(0), tokens, t, jax.random.key(1))
     np.testing.assert_allclose(np.asarray(sums["context_gain_sum"]), 0.0, atol=1e-5)
     assert float(sums["context_tokens"].sum()) == BATCH * (SEQ // 2)
 
@@ -44,10 +55,9 @@ def test_matches_naive_loop(loss_chunk):
     model = _model(2, loss_chunk)
     tokens, t = _inputs()
     key = jax.random.key(1)
-    sums = context_gain_sums(model, tokens, t, key, BUCKETS)
+    sums = _gain(model, tokens, t, key)
 
-    x1 = model.embed(tokens)
-    x_t = np.asarray(flow.noisy_path(x1, model.cfg.sigma * jax.random.normal(key, x1.shape), t))
+    x_t = np.asarray(_noisy(model, tokens, t, key))
     scrambled = x_t.copy()
     for b in range(BATCH):
         for i in range(1, SEQ, 2):
@@ -68,7 +78,7 @@ def test_matches_naive_loop(loss_chunk):
 
 def test_single_sequence_batch_reports_nothing():
     tokens, t = _inputs()
-    sums = context_gain_sums(_model(1), tokens[:1], t[:1], jax.random.key(1), BUCKETS)
+    sums = _gain(_model(1), tokens[:1], t[:1], jax.random.key(1))
     assert float(sums["context_tokens"].sum()) == 0.0
 
 
@@ -85,3 +95,24 @@ def test_summary_and_console_line():
     assert out["val/context_gain"] == pytest.approx(0.2)
     assert "val/context_gain_t0.2-0.4" not in out
     assert "context gain by t-bucket (nats): t0.0-0.2=+0.200 t0.4-0.6=+0.200" in format_progress(1, 2, out, None)
+
+
+def test_validation_loss_is_flow_loss():
+    """The validation step shares its forward pass with the context gain; its loss metrics must
+    still be exactly those of ``flow.flow_loss`` at the same times and key."""
+    from conftest import load_config
+
+    from discreteflow_jax.config import parse_config
+    from discreteflow_jax.tasks import stratified_times, tokenflow_task
+
+    cfg = parse_config(load_config("shakespeare_baseline", "smoke"))
+    task = tokenflow_task(cfg)
+    model = task.create_model(nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(0), (4, cfg.data.seq_len), 0, cfg.model.vocab_size)
+    key = jax.random.key(5)
+    sums = task.eval_fn(model, None, tokens, key)
+    t = stratified_times(jax.random.fold_in(key, 1), tokens.shape[0])
+    expected = flow.flow_loss(model, tokens, jnp.ones(tokens.shape), key, num_buckets=cfg.flow.num_buckets, t_B=t)[1]
+    for name, value in expected.items():
+        np.testing.assert_allclose(np.asarray(sums[name]), np.asarray(value), rtol=1e-6, atol=1e-6)
+    assert {"context_gain_sum", "context_tokens"} <= set(sums)
