@@ -80,9 +80,9 @@ def format_progress(step: int, total: int, metrics: dict[str, float], eta: float
         value = metrics[key]
         short = key.split("/", 1)[-1]
         if "/loss_t" in key:
-            buckets.append(f"{short[5:]}={value:.3f}")
+            buckets.append(f"{short.removeprefix('loss_')}={value:.3f}")
         elif "/context_gain_t" in key:
-            gains.append(f"{short[13:]}={value:+.3f}")
+            gains.append(f"{short.removeprefix('context_gain_')}={value:+.3f}")
         elif short in ("loss", "ppl", "grad_norm"):
             main.append(f"{key}={value:.4f}")
         elif short == "lr":

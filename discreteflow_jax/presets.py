@@ -100,7 +100,12 @@ def apply_variant(
         return c
     if arg not in variants:
         raise ValueError(f"unknown config variant {arg!r}; valid variants: {', '.join(sorted(variants))}")
-    for dotted, value in variants[arg].items():
+    return set_fields(c, variants[arg])
+
+
+def set_fields(c: ml_collections.ConfigDict, fields: dict[str, object]) -> ml_collections.ConfigDict:
+    """Sets {'section.field': value} entries in place and returns the config."""
+    for dotted, value in fields.items():
         node = c
         *parents, leaf = dotted.split(".")
         for p in parents:

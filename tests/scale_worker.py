@@ -21,7 +21,6 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,16 +42,6 @@ def load_config(name: str, variant: str | None = "smoke"):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(variant)
-
-
-def set_fields(config, fields: dict[str, Any]):
-    for dotted, value in fields.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
 
 
 def parse_layout(text: str) -> dict[str, int]:
@@ -105,6 +94,7 @@ class ByteTokenizer:
 
 def build(task_name: str, layout: str, extra: dict | None = None):
     from discreteflow_jax.config import parse_config
+    from discreteflow_jax.presets import set_fields
     from discreteflow_jax.tasks import build_task
 
     if task_name == "tokenflow":

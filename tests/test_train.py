@@ -15,19 +15,13 @@ from conftest import REPO, load_config
 
 from discreteflow_jax import checkpoint as ckpt
 from discreteflow_jax import experiment
+from discreteflow_jax.presets import set_fields
 from discreteflow_jax.tasks import build_task
 from discreteflow_jax.train import Trainer, TrainingDivergedError
 
 
 def smoke(**overrides):
-    cfg = load_config("shakespeare_baseline", "smoke")
-    for dotted, value in overrides.items():
-        node = cfg
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return set_fields(load_config("shakespeare_baseline", "smoke"), overrides)
 
 
 def params_of(result) -> list[np.ndarray]:
