@@ -159,26 +159,40 @@ def sample_flow(
     context: jax.Array | None = None,
     temperature: float = 1.0,
     clamp_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    final_state: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Integrates the flow from x0 along ``grid`` in one ``lax.fori_loop``.
 
     ``temperature`` divides the logits before the softmax (1: the model's posterior mean).
     ``clamp_fn(x_t, t)`` (optional) overwrites known positions at every step (conditional
-    generation). Returns (tokens [B, T] = argmax of the last logits, final x [B, T, d]).
+    generation). Returns (tokens [B, T] = argmax of the last logits, x [B, T, d]).
+
+    The tokens need only the argmax of the last logits, so the last step skips the softmax and
+    the V-wide p·E matmul (exact: same tokens; one of the 2K V-wide matmuls of a K-step sample)
+    and x is the state the last network call read. ``final_state=True`` computes the final
+    state p·E of the last step as well and returns it as x.
     """
     emb = model.embeddings()
     b, seq_len, _ = x0.shape
     steps = grid.shape[0] - 1
 
     def body(i, carry):
-        x, _ = carry
+        x, tokens = carry
         t, t_next = grid[i], grid[i + 1]
         if clamp_fn is not None:
             x = clamp_fn(x, t)
         logits = model(x, jnp.full((b,), t), context)
-        probs = jax.nn.softmax(logits / temperature, axis=-1)
-        x1_hat = jnp.einsum("btv,vd->btd", probs, emb)
-        return euler_update(x, x1_hat, t, t_next), jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+        def advance(_):
+            probs = jax.nn.softmax(logits / temperature, axis=-1)
+            x1_hat = jnp.einsum("btv,vd->btd", probs, emb)
+            return euler_update(x, x1_hat, t, t_next), tokens
+
+        def finish(_):
+            out = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return (advance(None)[0] if final_state else x), out
+
+        return jax.lax.cond(i == steps - 1, finish, advance, None)
 
     x, tokens = jax.lax.fori_loop(0, steps, body, (x0.astype(jnp.float32), jnp.zeros((b, seq_len), jnp.int32)))
     return tokens, x

@@ -162,10 +162,38 @@ def test_sampler_is_deterministic_and_k1_is_one_step():
     c, _ = flow.sample_flow(model, flow.gaussian_source(jax.random.key(12), 2, 6, model), flow.time_grid(4))
     assert not np.array_equal(a, c)
     # K = 1: one model call at t = 0, tokens are its argmax and the final state is p·E.
-    tokens, x1 = flow.sample_flow(model, x0, flow.time_grid(1))
+    tokens, x1 = flow.sample_flow(model, x0, flow.time_grid(1), final_state=True)
     logits = model(x0, jnp.zeros((2,)))
     np.testing.assert_array_equal(tokens, jnp.argmax(logits, axis=-1))
     np.testing.assert_allclose(x1, jax.nn.softmax(logits) @ model.embeddings(), atol=1e-5)
+
+
+def reference_sampler(model, x0, grid, temperature=1.0):
+    """The K-step sampler written plainly: softmax·E at every step, tokens from the last logits."""
+    x, logits = x0, None
+    for i in range(grid.shape[0] - 1):
+        t, t_next = grid[i], grid[i + 1]
+        logits = model(x, jnp.full((x.shape[0],), t))
+        x1_hat = jax.nn.softmax(logits / temperature, axis=-1) @ model.embeddings()
+        x_last, x = x, flow.euler_update(x, x1_hat, t, t_next)
+    return jnp.argmax(logits, axis=-1), x_last, x
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_sampler_last_step_is_argmax_only(steps):
+    """The last step skips softmax·E: tokens as the plain sampler's, x is the state the last call
+    read (the final p·E only with final_state=True)."""
+    model = make_model()
+    x0 = flow.gaussian_source(jax.random.key(14), 2, 6, model)
+    grid = flow.time_grid(steps, "cosine")
+    ref_tokens, ref_last, ref_final = reference_sampler(model, x0, grid, temperature=0.7)
+    tokens, x = flow.sample_flow(model, x0, grid, temperature=0.7)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    np.testing.assert_allclose(x, ref_last, atol=1e-5)
+    tokens_f, x_f = flow.sample_flow(model, x0, grid, temperature=0.7, final_state=True)
+    np.testing.assert_array_equal(tokens_f, ref_tokens)
+    np.testing.assert_allclose(x_f, ref_final, atol=1e-5)
+    assert float(jnp.abs(ref_final - ref_last).max()) > 1e-3  # the two states differ: the test can fail
 
 
 @pytest.mark.parametrize("steps", [1, 2, 7, 1024])
