@@ -14,12 +14,17 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-# Config sections whose change makes a checkpoint incompatible (a different model or data).
+# Config sections whose change makes a checkpoint incompatible (a different model, data, or, for
+# Gumbel reflow, a different conditioning or teacher: the student would continue on other targets).
 # Training-schedule fields (num_steps, eval intervals...) may change on resume.
-IDENTITY_FIELDS = ("task", "model", "data.name", "data.tokenizer", "data.seq_len", "causal")
+IDENTITY_FIELDS = ("task", "model", "data.name", "data.tokenizer", "data.seq_len", "causal", "gumbel", "teacher")
 # Fields inside those sections that only choose how the same mathematics is computed (chunked
-# loss, recomputation): changing them, or resuming a checkpoint written before they existed, is fine.
-COMPUTE_ONLY_FIELDS = ("model.loss_chunk", "model.remat")
+# loss, recomputation, the Gumbel chunking) or only affect sampling: changing them, or resuming a
+# checkpoint written before they existed, is fine.
+# teacher.step (0 = newest) is checked through the step it resolved to (see ``check_compatible``).
+COMPUTE_ONLY_FIELDS = (
+    "model.loss_chunk", "model.remat", "gumbel.chunk_size", "gumbel.sample_temperature", "teacher.step",
+)
 
 
 class CheckpointMismatchError(ValueError):
@@ -83,15 +88,32 @@ def _flat_diff(a: Any, b: Any, prefix: str) -> list[str]:
     return [] if a == b else [f"{prefix}: checkpoint has {a!r}, this run has {b!r}"]
 
 
-def check_compatible(saved_config: dict, config: dict, workdir: str) -> None:
+def check_compatible(
+    saved_config: dict, config: dict, workdir: str, saved_identity: dict | None = None,
+    identity: dict | None = None,
+) -> None:
+    """Raises CheckpointMismatchError listing every identity field that differs.
+
+    ``saved_identity``/``identity``: what the task itself resolved (e.g. the step of the teacher
+    checkpoint a Gumbel student distills), compared key by key when the checkpoint recorded it.
+    """
     diffs: list[str] = []
     for field in IDENTITY_FIELDS:
         diffs += _flat_diff(_lookup(saved_config, field), _lookup(config, field), field)
+    if saved_identity is not None and identity is not None:
+        for key in sorted(set(saved_identity) | set(identity)):
+            a, b = saved_identity.get(key, "<absent>"), identity.get(key, "<absent>")
+            if a != b:
+                diffs.append(f"{key}: checkpoint has {a!r}, this run has {b!r}")
     if diffs:
+        hint = ""
+        if saved_identity and identity and saved_identity.get("teacher.step") != identity.get("teacher.step"):
+            hint = (" To distill from the same teacher checkpoint, pin it with "
+                    f"--config.teacher.step={saved_identity.get('teacher.step')}.")
         raise CheckpointMismatchError(
             f"the workdir {workdir} holds a checkpoint of a different experiment:\n  "
             + "\n  ".join(diffs)
-            + "\nUse a new --workdir, or run with the same config to resume."
+            + "\nUse a new --workdir, or run with the same config to resume." + hint
         )
 
 

@@ -57,6 +57,7 @@ def add_gumbel_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
     c.teacher = ml_collections.ConfigDict()
     c.teacher.checkpoint = ""  # workdir of our teacher run (configs/shakespeare_teacher.py); or set hf
+    c.teacher.step = 0  # which checkpoint of teacher.checkpoint; 0 = its newest
     c.teacher.hf = ""  # Hugging Face id (e.g. "gpt2") or local HF directory; or set checkpoint
     c.teacher.dtype = "float32"  # teacher compute dtype in the step: float32 | bfloat16 (params stay fp32)
     return c
@@ -182,5 +183,7 @@ def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
         sample_fn=sample_fn,
         aux=aux,
         aux_shardings=aux_shardings,
+        # A teacher workdir that trained on since this student started is a different teacher.
+        identity={"teacher.step": teacher.step} if getattr(teacher, "step", None) is not None else {},
     )
 

@@ -85,6 +85,7 @@ class TeacherBundle:
     vocab_size: int
     max_len: int
     source: str
+    step: int | None = None  # the checkpoint step, for a teacher loaded from one of our workdirs
 
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.params)
@@ -102,8 +103,8 @@ def _bundle(model: nnx.Module, config: Any, source: str, bos_fallback: int | Non
     )
 
 
-def load_teacher_checkpoint(workdir: str) -> TeacherBundle:
-    """Loads the newest checkpoint of one of our teacher runs (parameters only)."""
+def load_teacher_checkpoint(workdir: str, step: int | None = None) -> TeacherBundle:
+    """Loads one checkpoint of one of our teacher runs (parameters only): ``step``, or the newest."""
     from etils import epath
 
     from discreteflow_jax import checkpoint as ckpt
@@ -116,9 +117,18 @@ def load_teacher_checkpoint(workdir: str) -> TeacherBundle:
             "then pass --config.teacher.checkpoint=DIR"
         )
     mngr = ckpt.manager(workdir, keep=1000, async_save=False)
-    step = mngr.latest_step()
-    if step is None:
+    available = sorted(int(s) for s in mngr.all_steps())
+    if not available:
+        mngr.close()
         raise ConfigError(f"{ckpt_dir} holds no finished checkpoint; train the teacher first:\n  {TEACHER_COMMAND}")
+    if step is None:
+        step = available[-1]
+    elif step not in available:
+        mngr.close()
+        raise ConfigError(
+            f"{ckpt_dir} holds no checkpoint of step {step}; the steps kept there are: "
+            f"{', '.join(map(str, available))}"
+        )
     meta = ckpt.read_meta(mngr, step)
     raw = meta.get("config", {})
     if raw.get("task") != "teacher":
@@ -138,17 +148,23 @@ def load_teacher_checkpoint(workdir: str) -> TeacherBundle:
     state, _ = ckpt.restore(mngr, step, target)
     mngr.close()
     model = nnx.merge(graphdef, state.params)
-    return _bundle(model, model_cfg, f"{workdir} (step {step})", bos_fallback=1)
+    return dataclasses.replace(_bundle(model, model_cfg, f"{workdir} (step {step})", bos_fallback=1), step=step)
 
 
 def load_teacher(section: dict, data_dir: str | None = None) -> TeacherBundle:
-    """Teacher from ``section['checkpoint']`` (our workdir) or ``section['hf']`` (Hub id / HF dir)."""
+    """Teacher from ``section['checkpoint']`` (our workdir; ``section['step']``, 0 = its newest
+    checkpoint) or ``section['hf']`` (Hub id / HF dir)."""
     del data_dir  # teachers carry their own config; kept for a uniform call signature
     checkpoint, hf = section.get("checkpoint", ""), section.get("hf", "")
+    step = section.get("step", 0) or 0
     if checkpoint and hf:
         raise ConfigError("set only one of config.teacher.checkpoint and config.teacher.hf")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ConfigError(f"config.teacher.step must be a checkpoint step >= 0 (0 = the newest), got {step!r}")
+    if step and not checkpoint:
+        raise ConfigError("config.teacher.step selects a checkpoint of config.teacher.checkpoint; set that too")
     if checkpoint:
-        return load_teacher_checkpoint(checkpoint)
+        return load_teacher_checkpoint(checkpoint, step or None)
     if hf:
         from discreteflow_jax.convert import load_hf_checkpoint
 

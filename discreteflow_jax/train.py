@@ -48,7 +48,8 @@ class Task:
     (loss, metric sums) and eval_fn(model, aux, tokens, key) the metric sums for validation.
     aux holds frozen inputs (a teacher's parameters), passed to the step but never updated.
     sample_fn(graphdef, params, aux, key, steps) returns decoded token arrays; summarize(sums)
-    turns summed metrics into the numbers to log.
+    turns summed metrics into the numbers to log. identity: what the task resolved beyond the
+    config that a resumed run must match (e.g. the teacher checkpoint's step), stored in checkpoints.
     """
 
     name: str
@@ -59,6 +60,7 @@ class Task:
     sample_fn: Callable[..., jax.Array] | None = None
     aux: Any = None
     aux_shardings: Any = None
+    identity: dict = dataclasses.field(default_factory=dict)
 
 
 def lr_schedule(train: TrainConfig) -> optax.Schedule:
@@ -205,7 +207,9 @@ class Trainer:
         if latest is None:
             return self.init_state()
         meta = ckpt.read_meta(self.ckpt, latest)
-        ckpt.check_compatible(meta.get("config", {}), self.cfg.raw, self.workdir)
+        ckpt.check_compatible(
+            meta.get("config", {}), self.cfg.raw, self.workdir, meta.get("task_identity"), self.task.identity
+        )
         state, meta = ckpt.restore(self.ckpt, latest, self.abstract_state)
         data_state = meta.get("data_state")
         per_process = meta.get("data_states")  # one entry per process (each reads its own shard)
@@ -218,7 +222,8 @@ class Trainer:
 
     def save(self, state: TrainState, *, force: bool = False) -> None:
         step = int(jax.device_get(state.step))
-        meta = {"config": self.cfg.raw, "step": step, "data_state": self._data_state()}
+        meta = {"config": self.cfg.raw, "step": step, "data_state": self._data_state(),
+                "task_identity": self.task.identity}
         if self.process_count > 1:
             # Only process 0 writes the JSON item, so the others' stream positions travel with it.
             meta["data_states"] = dist.allgather_json(meta["data_state"])

@@ -482,3 +482,28 @@ def test_fineweb_gumbel_smoke(tiny_gpt2_dir: Path, tmp_path: Path, causal: bool)
     c.causal = causal
     out = _run(c, tmp_path / "run", str(DATA))
     assert np.isfinite(out["metrics"]["train/loss"])
+
+
+def test_resume_refuses_another_conditioning_or_teacher(shakespeare_teacher_dir: Path, tmp_path: Path) -> None:
+    """A Gumbel workdir resumed with another conditioning (a different parameter tree) or another
+    teacher checkpoint is refused with the fields listed, before anything is restored."""
+    import shutil
+
+    from discreteflow_jax import checkpoint as ckpt
+
+    def config(teacher: Path, conditioning: str) -> ml_collections.ConfigDict:
+        c = _config("shakespeare_gumbel")
+        c.teacher.checkpoint = str(teacher)
+        c.gumbel.conditioning = conditioning
+        c.train.num_steps, c.train.ckpt_every, c.train.eval_every = 1, 1, 1
+        c.sample.eval_steps = (1,)
+        return c
+
+    other_teacher = tmp_path / "other_teacher"
+    shutil.copytree(shakespeare_teacher_dir, other_teacher)
+    _run(config(shakespeare_teacher_dir, "cross_attention"), tmp_path / "run", str(DATA))
+    with pytest.raises(ckpt.CheckpointMismatchError) as err:
+        _run(config(other_teacher, "x0"), tmp_path / "run", str(DATA))
+    text = str(err.value)
+    assert "gumbel.conditioning: checkpoint has 'cross_attention', this run has 'x0'" in text
+    assert f"teacher.checkpoint: checkpoint has {str(shakespeare_teacher_dir)!r}" in text

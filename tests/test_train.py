@@ -112,3 +112,26 @@ def test_cli_reports_bad_config_without_traceback(tmp_path, data_dir):
     assert "uniform, logit_normal, power" in out.stderr
     assert "Traceback" not in out.stderr
 
+
+
+def test_gumbel_and_teacher_fields_are_identity():
+    saved = {"task": "gumbel", "model": {"dim": 32},
+             "gumbel": {"conditioning": "cross_attention", "tau": 1.0, "chunk_size": 0, "sample_temperature": 1.0},
+             "teacher": {"checkpoint": "runs/teacher", "hf": "", "dtype": "float32", "step": 0}}
+    changed = json.loads(json.dumps(saved))
+    changed["gumbel"].update(conditioning="x0", tau=0.5)
+    changed["teacher"]["checkpoint"] = "runs/other_teacher"
+    with pytest.raises(ckpt.CheckpointMismatchError) as err:
+        ckpt.check_compatible(saved, changed, "run")
+    text = str(err.value)
+    for field in ("gumbel.conditioning", "gumbel.tau", "teacher.checkpoint"):
+        assert f"{field}: checkpoint has" in text
+    # Chunking, sampling temperature and pinning the teacher step that was already used are no change.
+    same = json.loads(json.dumps(saved))
+    same["gumbel"].update(chunk_size=64, sample_temperature=0.7)
+    same["teacher"]["step"] = 4
+    ckpt.check_compatible(saved, same, "run", {"teacher.step": 4}, {"teacher.step": 4})
+    # The teacher workdir trained on since: its newest checkpoint is another teacher.
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"(?s)teacher.step: checkpoint has 4, this run has 8.*"
+                                                             r"--config.teacher.step=4\."):
+        ckpt.check_compatible(saved, saved, "run", {"teacher.step": 4}, {"teacher.step": 8})
