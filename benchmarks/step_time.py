@@ -9,12 +9,20 @@ read for shapes too large to run here (``--steps=0``). XLA's cost analysis count
 loop once, so with the fused chunked loss (``model.loss_chunk > 0``) ``gflops_per_step`` is read
 from the same step compiled with ``loss_chunk=0`` (the same matmuls, formed whole);
 ``gflops_per_step_xla`` keeps XLA's count of the chunked program.
+
+Efficiency: ``achieved_gflops_per_s`` is ``gflops_per_step / step_s_min``. On the CPU it is set
+against the throughput of one fp32 matmul of the step's dominant shape (tokens per micro-batch
+per device, capped at 2048, × dim × vocab: the V-wide output layer), measured at start in the same
+process (``matmul_gflops_per_s``; ``cpu_mfu`` = achieved / matmul). On GPU/TPU ``mfu`` is achieved
+/ the dense bf16 peak of the device kind (``common.PEAK_BF16_TFLOPS``) × devices. The CPU model
+and its vector extensions are reported, since they decide what a CPU step costs.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
@@ -24,6 +32,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_info, efficiency_fields, matmul_gflops  # noqa: E402
+
 from discreteflow_jax import sharding as shd
 from discreteflow_jax.config import parse_config
 from discreteflow_jax.tasks import build_task
@@ -32,6 +43,7 @@ from discreteflow_jax.train import Trainer
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step (0: compile only).")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON here.")
+_MATMUL = flags.DEFINE_bool("matmul", True, "CPU: measure the dense-matmul throughput at start (for cpu_mfu).")
 
 
 class RandomTokens:
@@ -79,8 +91,19 @@ def unchunked_gflops(config, **task_kwargs) -> float | None:
     return compiled_stats(compiled).get("gflops_per_step")
 
 
-def benchmark(config, steps: int, **task_kwargs) -> dict:
+def dominant_matmul(cfg) -> tuple[int, int, int]:
+    """(m, k, n) of the step's largest matmul: a micro-batch's tokens on one device (capped at
+    2048, beyond which CPU throughput no longer grows) × dim × vocab."""
+    per_device = cfg.train.batch_size // cfg.train.grad_accum // max(jax.device_count(), 1)
+    return min(max(per_device, 1) * cfg.data.seq_len, 2048), cfg.model.dim, cfg.model.vocab_size
+
+
+def benchmark(config, steps: int, measure_matmul: bool = True, **task_kwargs) -> dict:
+    """Compiles (and with ``steps > 0`` times) the train step of ``config``; see the module doc."""
     cfg = parse_config(config)
+    matmul = None
+    if steps > 0 and measure_matmul and jax.default_backend() == "cpu":
+        matmul = matmul_gflops(*dominant_matmul(cfg))
     task = build_task(cfg, **task_kwargs)
     data = RandomTokens(cfg.model.vocab_size, cfg.data.seq_len)
     with tempfile.TemporaryDirectory() as workdir:
@@ -96,7 +119,7 @@ def benchmark(config, steps: int, **task_kwargs) -> dict:
             "num_layers": cfg.model.num_layers, "dtype": getattr(cfg.model, "dtype", "float32"),
             "devices": jax.device_count(), "backend": jax.default_backend(),
             "params_m": trainer.num_params / 1e6, "compile_s": time.perf_counter() - t0,
-            **compiled_stats(compiled),
+            **cpu_info(), **compiled_stats(compiled),
         }
         if getattr(cfg.model, "loss_chunk", 0) and "gflops_per_step" in result:
             result["gflops_per_step_xla"] = result["gflops_per_step"]
@@ -113,8 +136,10 @@ def benchmark(config, steps: int, **task_kwargs) -> dict:
                 times.append(time.perf_counter() - t0)
             step_s = float(np.median(times))
             result.update(
-                step_s=step_s, step_s_min=float(min(times)),
+                step_s=step_s, step_s_min=float(min(times)), all_step_s=[round(t, 4) for t in times],
                 tokens_per_s=cfg.train.batch_size * cfg.data.seq_len / step_s,
+                matmul_shape=list(dominant_matmul(cfg)) if matmul else None,
+                **efficiency_fields(result.get("gflops_per_step"), float(min(times)), matmul),
             )
         trainer.ckpt.close()
     return result
@@ -122,7 +147,7 @@ def benchmark(config, steps: int, **task_kwargs) -> dict:
 
 def main(argv):
     del argv
-    result = benchmark(_CONFIG.value, _STEPS.value)
+    result = benchmark(_CONFIG.value, _STEPS.value, _MATMUL.value)
     text = json.dumps(result, indent=2)
     print(text)
     if _OUT.value:
