@@ -153,9 +153,38 @@ def _positive(value: Any, name: str) -> None:
         raise ConfigError(f"config.{name} must be a positive integer, got {value!r}")
 
 
-def validate_tokenflow_model(model: TokenFlowConfig, data: DataConfig) -> None:
+def _whole(value: Any, name: str, minimum: int, meaning: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"config.{name} must be an integer >= {minimum}{meaning}, got {value!r}")
+
+
+def _in_range(value: Any, name: str, low: float, high: float, *, high_open: bool = False, why: str = "") -> None:
+    bad = not isinstance(value, (int, float)) or isinstance(value, bool) or not (
+        low <= value < high if high_open else low <= value <= high
+    )
+    if bad:
+        interval = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ConfigError(f"config.{name} must be in {interval}{why}, got {value!r}")
+
+
+def _greater_than_zero(value: Any, name: str, why: str = "") -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"config.{name} must be > 0{why}, got {value!r}")
+
+
+def validate_tokenflow_model(model: TokenFlowConfig, data: DataConfig, task: str = "tokenflow") -> None:
     for name in ("vocab_size", "dim", "num_layers", "num_heads", "max_len"):
         _positive(getattr(model, name), f"model.{name}")
+    if model.cross_attention and task != "gumbel":
+        raise ConfigError(
+            f"config.model.cross_attention=True: the {task} task has no context to attend to (only the gumbel task "
+            "with gumbel.conditioning='cross_attention' does, and it sets the layers itself); leave it False"
+        )
+    if model.context_dim not in (0, model.dim):
+        raise ConfigError(
+            f"config.model.context_dim={model.context_dim!r}: the only cross-attention context (Gumbel "
+            f"softmax(G)·E) has the model's width {model.dim}; leave context_dim=0"
+        )
     if model.dim % model.num_heads:
         raise ConfigError(f"config.model.dim={model.dim} must be divisible by config.model.num_heads={model.num_heads}")
     if (model.dim // model.num_heads) % 2:
@@ -176,6 +205,14 @@ def validate_tokenflow_model(model: TokenFlowConfig, data: DataConfig) -> None:
 def validate_train(train: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
         _positive(getattr(train, name), f"train.{name}")
+    _whole(train.eval_batches, "train.eval_batches", 0, " (0 = every validation window once)")
+    _in_range(train.min_lr_ratio, "train.min_lr_ratio", 0.0, 1.0, why=" (the final lr as a fraction of the peak)")
+    for name in ("b1", "b2"):
+        _in_range(getattr(train, name), f"train.{name}", 0.0, 1.0, high_open=True, why=" (an AdamW decay rate)")
+    for name, meaning in (("weight_decay", "no decay"), ("grad_clip", "no clipping")):
+        value = getattr(train, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+            raise ConfigError(f"config.train.{name} must be >= 0 (0 = {meaning}), got {value!r}")
     if train.batch_size % train.grad_accum:
         raise ConfigError(
             f"config.train.batch_size={train.batch_size} must be divisible by "
@@ -189,24 +226,65 @@ def validate_train(train: TrainConfig) -> None:
         )
 
 
+def validate_flow(flow_cfg: FlowConfig) -> None:
+    """The training-time flow settings; a degenerate time sampler would train on one t only."""
+    _positive(flow_cfg.num_buckets, "flow.num_buckets")
+    if flow_cfg.time_sampler == "power":
+        _greater_than_zero(flow_cfg.time_param, "flow.time_param",
+                           " for time_sampler='power' (t = u**p; p <= 0 puts every t at 1)")
+    if flow_cfg.time_sampler == "logit_normal":
+        _greater_than_zero(flow_cfg.time_param, "flow.time_param",
+                           " for time_sampler='logit_normal' (the std of the logit; 0 puts every t at 0.5)")
+    for name in ("condition_prob", "condition_prefix_prob"):
+        _in_range(getattr(flow_cfg, name), f"flow.{name}", 0.0, 1.0)
+    _positive(flow_cfg.condition_span_len, "flow.condition_span_len")
+
+
+def validate_sample(sample: SampleConfig) -> None:
+    _positive(sample.steps, "sample.steps")
+    _positive(sample.num_samples, "sample.num_samples")
+    if not isinstance(sample.eval_steps, tuple):
+        raise ConfigError(f"config.sample.eval_steps must be a list of step counts, e.g. (8, 128); got "
+                          f"{sample.eval_steps!r}")
+    for k in sample.eval_steps:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(
+                f"config.sample.eval_steps={list(sample.eval_steps)} holds {k!r}; every entry must be a number "
+                "of sampling steps >= 1"
+            )
+    _greater_than_zero(sample.temperature, "sample.temperature", " (1 = the model's posterior mean)")
+    if sample.schedule == "power":
+        _greater_than_zero(sample.schedule_param, "sample.schedule_param", " for schedule='power' (t = u**p)")
+
+
+def validate_data(data: DataConfig) -> None:
+    _positive(data.seq_len, "data.seq_len")
+    if not 0.0 < data.val_fraction < 1.0:
+        raise ConfigError(f"config.data.val_fraction must be in (0, 1), got {data.val_fraction}")
+    _positive(data.val_rows, "data.val_rows")
+
+
+def validate_mesh(mesh: MeshConfig) -> None:
+    if mesh.data != -1:
+        _positive(mesh.data, "mesh.data (or -1 = all remaining devices)")
+    _positive(mesh.fsdp, "mesh.fsdp")
+    _positive(mesh.tensor, "mesh.tensor")
+
+
 def parse_config(cfg: ml_collections.ConfigDict) -> ExperimentConfig:
     """Validates a ConfigDict and returns the frozen ExperimentConfig. Raises ConfigError."""
     check_choices(cfg)
     raw = to_plain(cfg)
     data = _build(DataConfig, raw.get("data", {}), "data")
-    _positive(data.seq_len, "data.seq_len")
-    if not 0.0 < data.val_fraction < 1.0:
-        raise ConfigError(f"config.data.val_fraction must be in (0, 1), got {data.val_fraction}")
+    validate_data(data)
     train = _build(TrainConfig, raw.get("train", {}), "train")
     validate_train(train)
     flow_cfg = _build(FlowConfig, raw.get("flow", {}), "flow")
-    for name in ("condition_prob", "condition_prefix_prob"):
-        if not 0.0 <= getattr(flow_cfg, name) <= 1.0:
-            raise ConfigError(f"config.flow.{name} must be in [0, 1], got {getattr(flow_cfg, name)}")
-    _positive(flow_cfg.condition_span_len, "flow.condition_span_len")
+    validate_flow(flow_cfg)
     sample = _build(SampleConfig, raw.get("sample", {}), "sample")
-    _positive(sample.steps, "sample.steps")
+    validate_sample(sample)
     mesh = _build(MeshConfig, raw.get("mesh", {}), "mesh")
+    validate_mesh(mesh)
     task = raw.get("task", "tokenflow")
     causal = bool(raw.get("causal", False))
     model_section = dict(raw.get("model", {}))
@@ -225,7 +303,11 @@ def parse_config(cfg: ml_collections.ConfigDict) -> ExperimentConfig:
             )
     else:
         model = _build(TokenFlowConfig, model_section, "model", {"causal": causal})
-        validate_tokenflow_model(model, data)
+        validate_tokenflow_model(model, data, task)
+        if task == "gumbel":  # the gumbel section decides the student's conditioning layers
+            from discreteflow_jax import gumbel as gmb  # lazy: gumbel.py imports this module
+
+            gmb.student_config(model, gmb.parse_gumbel_config(raw.get("gumbel")))
     known = {"task", "seed", "causal", "model", "data", "train", "flow", "sample", "mesh"}
     extra = {k: v for k, v in raw.items() if k not in known}
     return ExperimentConfig(

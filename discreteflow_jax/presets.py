@@ -81,7 +81,7 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0  # global-norm clipping
     c.train.log_every = 50  # console/metrics line every N steps
     c.train.eval_every = 500  # validation loss and samples every N steps
-    c.train.eval_batches = 8  # validation batches per evaluation
+    c.train.eval_batches = 0  # validation batches per evaluation; 0 = every validation window once
     c.train.ckpt_every = 500  # checkpoint every N steps (and at the end)
     c.train.keep_checkpoints = 3  # keep the newest N checkpoints
 

@@ -143,6 +143,12 @@ def build_eval_step(task: Task, graphdef: Any) -> Callable:
     return eval_fn
 
 
+def validation_batches(dataset: Any, local_batch: int, eval_batches: int) -> list:
+    """The validation batches of one evaluation: ``eval_batches`` of them, or with 0 every
+    validation window once (as many full batches as the split holds without overlap)."""
+    return dataset.val_batches(local_batch, eval_batches or None)
+
+
 class Trainer:
     """Owns the mesh, the jitted programs, the checkpoint manager and the loop."""
 
@@ -234,7 +240,7 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, params: Any) -> dict:
-        batches = self.dataset.val_batches(self.local_batch, self.cfg.train.eval_batches)
+        batches = validation_batches(self.dataset, self.local_batch, self.cfg.train.eval_batches)
         eval_key = jax.random.fold_in(jax.random.key(self.cfg.seed), 0x5EED)
         sums = None
         for i, local in enumerate(batches):

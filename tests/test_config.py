@@ -8,6 +8,7 @@ from conftest import load_config
 from discreteflow_jax import experiment
 from discreteflow_jax.config import ConfigError, parse_config
 from discreteflow_jax.data import DataError
+from discreteflow_jax.presets import set_fields
 
 CONFIGS = ["shakespeare_baseline", "fineweb_baseline", "shakespeare_teacher"]
 
@@ -43,24 +44,53 @@ def test_unknown_variant_lists_valid_ones():
         load_config("shakespeare_baseline", "tiny")
 
 
-@pytest.mark.parametrize(
-    ("field", "value", "message"),
-    [
-        ("flow.time_sampler", "bogus", "use one of: uniform, logit_normal, power"),
-        ("model.dtype", "float16", "use one of: float32, bfloat16"),
-        ("data.name", "wikitext", "use one of: shakespeare, fineweb"),
-        ("model.num_heads", 3, "must be divisible by config.model.num_heads=3"),
-        ("data.seq_len", 64, "longer than the model supports"),
-        ("train.grad_accum", 3, "must be divisible by config.train.grad_accum=3"),
-        ("train.lr", -1.0, "lr must be > 0"),
-        ("model.num_layers", 0, "positive integer"),
-        ("model.loss_chunk", -1, "loss_chunk must be a whole number of tokens >= 0"),
-    ],
-)
-def test_validation_messages(field, value, message):
-    raw = load_config("shakespeare_baseline", "smoke")
-    section, leaf = field.split(".")
-    raw[section][leaf] = value
+# Every bad value is refused by parse_config, i.e. before anything compiles; each row: the config file,
+# the fields set on its :smoke variant, and (a regex of) the message.
+BAD_VALUES = [
+    ("shakespeare_baseline", {"flow.time_sampler": "bogus"}, "use one of: uniform, logit_normal, power"),
+    ("shakespeare_baseline", {"model.dtype": "float16"}, "use one of: float32, bfloat16"),
+    ("shakespeare_baseline", {"data.name": "wikitext"}, "use one of: shakespeare, fineweb"),
+    ("shakespeare_baseline", {"model.num_heads": 3}, "must be divisible by config.model.num_heads=3"),
+    ("shakespeare_baseline", {"data.seq_len": 64}, "longer than the model supports"),
+    ("shakespeare_baseline", {"train.grad_accum": 3}, "must be divisible by config.train.grad_accum=3"),
+    ("shakespeare_baseline", {"train.lr": -1.0}, "lr must be > 0"),
+    ("shakespeare_baseline", {"model.num_layers": 0}, "positive integer"),
+    ("shakespeare_baseline", {"model.loss_chunk": -1}, "loss_chunk must be a whole number of tokens >= 0"),
+    ("shakespeare_baseline", {"train.eval_batches": -1},
+     r"train.eval_batches must be an integer >= 0 \(0 = every validation window once\), got -1"),
+    ("shakespeare_baseline", {"sample.eval_steps": (4, 0)},
+     r"sample.eval_steps=\[4, 0\] holds 0; every entry must be a number of sampling steps >= 1"),
+    ("shakespeare_baseline", {"sample.num_samples": 0}, "sample.num_samples must be a positive integer, got 0"),
+    ("shakespeare_baseline", {"sample.temperature": 0.0}, "sample.temperature must be > 0"),
+    ("shakespeare_baseline", {"sample.schedule": "power", "sample.schedule_param": 0.0},
+     "sample.schedule_param must be > 0 for schedule='power'"),
+    ("shakespeare_baseline", {"flow.num_buckets": 0}, "flow.num_buckets must be a positive integer, got 0"),
+    ("shakespeare_baseline", {"flow.time_sampler": "power", "flow.time_param": -1.0},
+     r"flow.time_param must be > 0 for time_sampler='power' \(t = u\*\*p; p <= 0 puts every t at 1\)"),
+    ("shakespeare_baseline", {"flow.time_sampler": "power", "flow.time_param": 0.0}, "every t at 1"),
+    ("shakespeare_baseline", {"flow.time_sampler": "logit_normal", "flow.time_param": 0.0},
+     "flow.time_param must be > 0 for time_sampler='logit_normal'"),
+    ("shakespeare_baseline", {"model.cross_attention": True},
+     "cross_attention=True: the tokenflow task has no context to attend to"),
+    ("shakespeare_teacher", {"model.dim": 0}, "model.dim must be a positive integer"),
+    ("shakespeare_baseline", {"model.context_dim": 16}, "context_dim=16: the only cross-attention context"),
+    ("shakespeare_gumbel", {"model.context_dim": 16}, "context_dim=16: the only cross-attention context"),
+    ("shakespeare_gumbel", {"gumbel.conditioning": "x0", "model.cross_attention": True},
+     "conditioning='x0' does not use cross-attention"),
+    ("shakespeare_gumbel", {"gumbel.tau": 0.0}, "gumbel.tau must be > 0"),
+    ("shakespeare_baseline", {"train.b2": 1.0}, r"train.b2 must be in \[0.0, 1.0\)"),
+    ("shakespeare_baseline", {"train.min_lr_ratio": 1.5}, r"train.min_lr_ratio must be in \[0.0, 1.0\]"),
+    ("shakespeare_baseline", {"train.weight_decay": -0.1},
+     r"train.weight_decay must be >= 0 \(0 = no decay\), got -0.1"),
+    ("shakespeare_baseline", {"data.val_rows": 0}, "data.val_rows must be a positive integer"),
+    ("shakespeare_baseline", {"mesh.fsdp": 0}, "mesh.fsdp must be a positive integer"),
+    ("shakespeare_baseline", {"mesh.data": 0}, r"mesh.data \(or -1 = all remaining devices\) must be a positive"),
+]
+
+
+@pytest.mark.parametrize(("config", "fields", "message"), BAD_VALUES)
+def test_validation_messages(config, fields, message):
+    raw = set_fields(load_config(config, "smoke"), fields)
     with pytest.raises(ConfigError, match=message):
         parse_config(raw)
 

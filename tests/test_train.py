@@ -135,3 +135,19 @@ def test_gumbel_and_teacher_fields_are_identity():
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"(?s)teacher.step: checkpoint has 4, this run has 8.*"
                                                              r"--config.teacher.step=4\."):
         ckpt.check_compatible(saved, saved, "run", {"teacher.step": 4}, {"teacher.step": 8})
+
+
+def test_default_evaluation_reads_each_validation_window_once(data_dir, caplog):
+    from discreteflow_jax.train import validation_batches
+
+    cfg, _, dataset = experiment.prepare(load_config("shakespeare_baseline", None), data_dir)
+    with caplog.at_level("WARNING"):
+        batches = validation_batches(dataset, cfg.train.batch_size, cfg.train.eval_batches)
+    windows = np.concatenate(batches)
+    fit = dataset.max_val_windows()
+    # Every full batch the split holds, no window twice, no overlap warning.
+    assert fit - cfg.train.batch_size < len(windows) <= fit
+    assert len({w.tobytes() for w in windows}) == len(windows)
+    offsets = np.sort(dataset.val_offsets(cfg.train.batch_size, None).ravel())
+    assert np.all(np.diff(offsets) >= cfg.data.seq_len)
+    assert "overlap" not in caplog.text
