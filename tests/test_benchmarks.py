@@ -54,3 +54,86 @@ def test_efficiency_fields_cpu_and_accelerator():
     unknown = common.efficiency_fields(1.0, 1.0, None, devices=[FakeDevice("gpu", "Mystery")])
     assert unknown["mfu"] is None
     assert common.efficiency_fields(None, 1.0, 5.0) == {}
+
+
+# -- benchmarks/vs_original.py ---------------------------------------------------------------------
+
+import vs_original  # noqa: E402
+
+FAKE_ORIGINAL = '''
+from transformers import PreTrainedModel, PretrainedConfig
+from transformers.modeling_outputs import CausalLMOutput
+
+
+class TokenFlowModel(PreTrainedModel):
+    def training_forward(self, flag):
+        """Reads gumbel_context on every path but sets it on one only, like the original."""
+        if flag:
+            gumbel_context = "context"
+        return CausalLMOutput(loss=gumbel_context)
+'''
+
+
+def test_vs_original_arguments_and_schedule(tmp_path):
+    assert vs_original.original_ffn(512) == 512 and vs_original.original_ffn(500) == 512
+    assert vs_original.original_ffn(768) == 768
+    args = vs_original.parse_args(["--original=x", "--kinds=step", "--sides=original,ours"])
+    assert args.kinds == ["step"] and args.sides == ["original", "ours"] and args.steps == 10
+    for bad in (["--kinds=bogus"], ["--sides=theirs"], ["--steps=0"], ["--dim=100", "--heads=8"], []):
+        with pytest.raises(SystemExit):
+            vs_original.parse_args((["--original=x"] if bad else []) + bad)
+    # Sides alternate, the order reversed every other round; every kind in every round.
+    runs = vs_original.schedule(2, ["step", "sample"], ["a", "b"])
+    assert runs == [("step", "a"), ("step", "b"), ("sample", "a"), ("sample", "b"),
+                    ("step", "b"), ("step", "a"), ("sample", "b"), ("sample", "a")]
+    with pytest.raises(SystemExit, match="model.py"):
+        vs_original.check_original(str(tmp_path))
+
+
+def fake_run(side: str, times: list[float], rss: float, gflop: float, matmul: float = 100.0) -> dict:
+    return {"side": side, "kind": "step", "times_s": times, "peak_rss_mb": rss, "gflop": gflop,
+            "ffn_hidden": 8, "params_m": 1.0, "matmul_gflops_per_s": matmul}
+
+
+def test_vs_original_summary_ratios():
+    results = [fake_run("original", [4.0, 6.0], 2000.0, 40.0), fake_run("ours_same_arch", [1.0, 3.0], 900.0, 20.0),
+               fake_run("original", [5.0, 7.0], 2100.0, 40.0), fake_run("ours_same_arch", [2.0, 2.0], 1000.0, 20.0)]
+    out = vs_original.summarize(results, ["step", "sample"], ["original", "ours_same_arch", "ours"])
+    sides = out["step"]["sides"]
+    assert sides["original"]["min_s"] == 4.0 and sides["original"]["median_s"] == 5.5
+    assert sides["ours_same_arch"]["min_s"] == 1.0 and sides["ours_same_arch"]["median_s"] == 2.0
+    assert sides["ours_same_arch"]["cpu_mfu"] == pytest.approx(0.2)  # 20 GFLOP in 1 s of 100 GFLOP/s
+    ratio = out["step"]["ratio_ours_same_arch"]
+    assert ratio == {"time_min": 0.25, "time_median": round(2.0 / 5.5, 3), "peak_rss": round(1000 / 2100, 3),
+                     "flops": 0.5}
+    assert "ratio_ours" not in out["step"] and out["sample"] == {"sides": {}}
+
+
+def test_vs_original_loads_the_original_with_its_fix_and_stand_ins(tmp_path, monkeypatch):
+    (tmp_path / "model.py").write_text(FAKE_ORIGINAL)
+    (tmp_path / "model_utils.py").write_text("")
+    for name in ("model", "transformers", "transformers.modeling_outputs"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(vs_original, "needs_transformers_shim", lambda: True)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    module, shim, fixes = vs_original.import_original(str(tmp_path))
+    assert shim and len(fixes) == 1
+    model = module.TokenFlowModel({"dim": 4})
+    assert model.config == {"dim": 4}
+    assert model.training_forward(True).loss == "context"
+    assert model.training_forward(False).loss is None  # UnboundLocalError without the fix
+    # A checkout that already sets it is loaded unchanged.
+    fixed = FAKE_ORIGINAL.replace("        if flag:", "        gumbel_context = None\n        if flag:")
+    (tmp_path / "model.py").write_text(fixed)
+    assert vs_original.load_original_model(str(tmp_path))[1] == []
+
+
+@pytest.mark.slow
+def test_vs_original_our_worker_tiny():
+    args = vs_original.parse_args(["--original=x", "--dim=32", "--layers=1", "--heads=2", "--batch=2", "--seq_len=8",
+                                   "--vocab=64", "--steps=1", "--sample_steps=2", "--sample_repeats=1"])
+    step = vs_original.run_ours(args, "step", vs_original.original_ffn(32))
+    assert step["side"] == "ours_same_arch" and step["ffn_hidden"] == 64 and len(step["times_s"]) == 1
+    assert step["gflop"] > 0 and step["peak_rss_mb"] >= step["rss_after_imports_mb"] > 0
+    sample = vs_original.run_ours(args, "sample", 0)
+    assert sample["side"] == "ours" and sample["ffn_hidden"] == 128 and sample["gflop"] > 0
