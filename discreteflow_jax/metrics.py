@@ -72,6 +72,22 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def evaluations_left(done: int, total: int, every: int) -> int:
+    """Evaluations the training loop still runs after step ``done``: one at every multiple of
+    ``every`` up to ``total``, and one at ``total`` when it is not a multiple."""
+    if done >= total:
+        return 0
+    return total // every - done // every + (1 if total % every else 0)
+
+
+def eta_seconds(done: int, total: int, step_s: float, eval_every: int, eval_s: float | None) -> float:
+    """Remaining wall time: the steps left at ``step_s`` each (measured on steps after the first of
+    the run, which includes compilation) plus the evaluations left at ``eval_s`` each (the last
+    one measured; None before the first: then they are not counted yet)."""
+    steps = max(total - done, 0) * step_s
+    return steps + (evaluations_left(done, total, eval_every) * eval_s if eval_s is not None else 0.0)
+
+
 def format_progress(step: int, total: int, metrics: dict[str, float], eta: float | None) -> str:
     """One console line: step, main losses, lr, throughput, ETA. Bucket losses go on a second line."""
     main = [f"step {step}/{total}"]

@@ -24,7 +24,7 @@ from discreteflow_jax import checkpoint as ckpt
 from discreteflow_jax import distributed as dist
 from discreteflow_jax import sharding as shd
 from discreteflow_jax.config import ExperimentConfig, TrainConfig
-from discreteflow_jax.metrics import MetricWriter, format_progress
+from discreteflow_jax.metrics import MetricWriter, eta_seconds, format_progress
 
 log = logging.getLogger("discreteflow_jax")
 
@@ -297,6 +297,7 @@ class Trainer:
         last_metrics: dict = {}
         tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         t_window, steps_in_window = time.time(), 0
+        eval_s = None  # duration of the last evaluation, for the ETA
         for step in range(start, cfg.train.num_steps):
             local = np.asarray(self.dataset.train_batch(step, self.local_batch), np.int32)
             tokens = shd.global_batch_from_local(local, self.mesh)
@@ -304,6 +305,10 @@ class Trainer:
             pending.append((step + 1, metrics))
             steps_in_window += 1
             done = step + 1
+            if step == start and done % cfg.train.log_every:
+                # The first step compiles: the speed (and so the ETA) is measured from the steps after it.
+                jax.block_until_ready(metrics)
+                t_window, steps_in_window = time.time(), 0
             is_last = done == cfg.train.num_steps
             if done % cfg.train.log_every == 0 or is_last or done % cfg.train.ckpt_every == 0:
                 last_metrics = self._drain(pending)
@@ -314,13 +319,15 @@ class Trainer:
                      "train/lr": float(lr_schedule(cfg.train)(done - 1))}
                 )
                 self.writer.write_scalars(done, last_metrics)
-                eta = (cfg.train.num_steps - done) / max(speed, 1e-9)
+                eta = eta_seconds(done, cfg.train.num_steps, 1.0 / max(speed, 1e-9), cfg.train.eval_every, eval_s)
                 if self.process_index == 0:
                     print(format_progress(done, cfg.train.num_steps, last_metrics, eta), flush=True)
                 t_window, steps_in_window = time.time(), 0
             if done % cfg.train.eval_every == 0 or is_last:
+                t_eval = time.time()
                 self._eval_and_sample(state, done)
                 t_window, steps_in_window = time.time(), 0
+                eval_s = t_window - t_eval
             saved = done % cfg.train.ckpt_every == 0 or is_last
             if saved:
                 self.save(state, force=is_last)
