@@ -137,3 +137,42 @@ def test_vs_original_our_worker_tiny():
     assert step["gflop"] > 0 and step["peak_rss_mb"] >= step["rss_after_imports_mb"] > 0
     sample = vs_original.run_ours(args, "sample", 0)
     assert sample["side"] == "ours" and sample["ffn_hidden"] == 128 and sample["gflop"] > 0
+
+
+# -- benchmarks/device_check.py --------------------------------------------------------------------
+
+import device_check  # noqa: E402
+
+
+def test_device_check_batch_follows_the_memory_plan_table():
+    # launch/README.md: recommended per-device micro-batch by accelerator memory.
+    table = {16: (4, 2), 32: (8, 4), 80: (16, 16), 141: (32, 16)}
+    for gib, (baseline, gumbel) in table.items():
+        assert device_check.recommended_batch("fineweb_baseline", gib * 1024) == baseline, gib
+        assert device_check.recommended_batch("fineweb_gumbel", gib * 1024) == gumbel, gib
+    assert device_check.recommended_batch("fineweb_gumbel", 4 * 1024) == 1  # never below one sequence
+
+
+def test_device_check_arguments_and_no_accelerator():
+    args = device_check.parse_args([])
+    assert args.configs == list(device_check.CONFIGS) and args.dtype == "bfloat16" and args.seq_len == 1024
+    for bad in (["--configs=shakespeare_baseline"], ["--steps=0"], ["--per_device_batch=-1"], ["--dtype=fp8"]):
+        with pytest.raises(SystemExit):
+            device_check.parse_args(bad)
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return
+    # Without an accelerator: a clear stop, not a traceback; --cpu_dry goes on.
+    with pytest.raises(SystemExit, match="needs a GPU or TPU"):
+        device_check.require_accelerator(cpu_dry=False)
+    assert device_check.require_accelerator(cpu_dry=True).platform == "cpu"
+
+
+@pytest.mark.slow
+def test_device_check_cpu_dry_worker():
+    args = device_check.parse_args(["--cpu_dry", "--steps=1", "--worker=fineweb_baseline"])
+    result = device_check.run_worker(args)
+    assert result["config"] == "fineweb_baseline" and result["seq_len"] == 16
+    assert result["per_device_batch"] == 2 and result["tokens_per_s"] > 0 and result["gflops_per_step"] > 0
+    assert result["dtype"] == "bfloat16" and result["mfu"] is None  # no peak for a CPU
