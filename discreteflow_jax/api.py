@@ -671,57 +671,48 @@ def abstract_tokenflow(cfg: ExperimentConfig) -> tuple[Any, Any]:
     return graphdef, nnx.to_pure_dict(state)
 
 
-def restore_params(workdir: str, cfg: ExperimentConfig, abstract_params: Any, step: int | None = None
-                   ) -> tuple[Any, int]:
-    """Parameters of a workdir's checkpoint (newest, or ``step``) on the default device."""
+def _restore_tokenflow_params(mngr: Any, step: int, cfg: ExperimentConfig, abstract_params: Any) -> Any:
+    """Parameters of one checkpoint step on the default device (CheckpointDamagedError when it
+    does not read)."""
     from discreteflow_jax import checkpoint as ckpt
     from discreteflow_jax.train import TrainState, make_optimizer
 
-    mngr = ckpt.manager(workdir, keep=1000, async_save=False)
-    try:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise LoadError(f"{os.path.join(workdir, 'checkpoints')} holds no finished checkpoint yet")
-        tx = make_optimizer(cfg.train)
-        abstract_state = jax.eval_shape(
-            lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), abstract_params
-        )
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
-        state, _ = ckpt.restore(mngr, step, target)
-    finally:
-        mngr.close()
-    return state.params, int(step)
+    tx = make_optimizer(cfg.train)
+    abstract_state = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), abstract_params)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
+    return ckpt.guarded(mngr, step, lambda: ckpt.restore(mngr, step, target))[0].params
 
 
-def read_workdir_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
-    """The plain config dict stored with a workdir's checkpoint, and that checkpoint's step."""
+def _load_workdir(workdir: str, data_dir: str | None, step: int | None) -> TokenFlowModel | TeacherModel:
+    """The model of ``step``, or of the newest checkpoint that loads: a damaged newer one is
+    reported (logged) and left in place; a damaged ``step`` raises, naming the steps that load."""
     from discreteflow_jax import checkpoint as ckpt
 
     mngr = ckpt.manager(workdir, keep=1000, async_save=False)
     try:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
+        if not mngr.all_steps():
             raise LoadError(f"{os.path.join(workdir, 'checkpoints')} holds no finished checkpoint yet")
-        meta = ckpt.read_meta(mngr, step)
+
+        def load_step(s: int) -> tuple[ExperimentConfig, Any]:
+            meta = ckpt.guarded(mngr, s, lambda: ckpt.read_meta(mngr, s))
+            if not isinstance(meta.get("config"), dict):
+                raise ckpt.damaged(mngr, s, "its metadata carries no config")
+            cfg = _config_from_raw(meta["config"])
+            if cfg.task == "teacher":
+                from discreteflow_jax.teacher import restore_teacher_step
+
+                return cfg, restore_teacher_step(mngr, workdir, s)
+            graphdef, abstract_params = abstract_tokenflow(cfg)
+            return cfg, (graphdef, _restore_tokenflow_params(mngr, s, cfg, abstract_params))
+
+        (cfg, loaded), step, _ = ckpt.select(mngr, load_step, step=step, how="step={} (--step={} on the command line)")
     finally:
         mngr.close()
-    if "config" not in meta:
-        raise LoadError(f"the checkpoint at step {step} in {workdir} carries no config")
-    return meta["config"], int(step)
-
-
-def _load_workdir(workdir: str, data_dir: str | None, step: int | None) -> TokenFlowModel | TeacherModel:
-    raw, step = read_workdir_config(workdir, step)
-    cfg = _config_from_raw(raw)
     tokenizer = _tokenizer_for(cfg, data_dir)
     if cfg.task == "teacher":
-        from discreteflow_jax.teacher import load_teacher_checkpoint
-
-        bundle = load_teacher_checkpoint(workdir)
-        return TeacherModel(cfg, bundle.model(), tokenizer, workdir, step)
-    graphdef, abstract_params = abstract_tokenflow(cfg)
-    params, step = restore_params(workdir, cfg, abstract_params, step)
+        return TeacherModel(cfg, loaded.model(), tokenizer, workdir, step)
+    graphdef, params = loaded
     return TokenFlowModel(cfg, graphdef, params, tokenizer, workdir, step)
 
 

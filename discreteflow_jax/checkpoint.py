@@ -4,15 +4,33 @@ Each checkpoint step holds two items: ``state`` (step, parameters, optimizer sta
 arrays written by all processes together) and ``meta`` (JSON: the full config, the data
 position, the code version). Saves are asynchronous; old steps are pruned (keep-last-N); orbax
 writes to a temporary folder and renames, so a crash never leaves a half-written "latest" step.
+
+Damaged checkpoints (a truncated or corrupted file, missing metadata) are never deleted: readers
+try the steps newest first and say which one is damaged and why (``select``); a training run
+that falls back moves the damaged step folders to ``<workdir>/checkpoints_damaged/`` so that its
+own later saves and pruning never touch them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger("discreteflow_jax")
+T = TypeVar("T")
+
+# Files orbax writes into every finished step: a step without one of them cannot be restored.
+REQUIRED_FILES = ("state/_METADATA", "meta/metadata")
+# Where a training run moves step folders it will not resume from (kept, never deleted).
+DAMAGED_DIR = "checkpoints_damaged"
+SKIPPED_DIR = "checkpoints_skipped"
 
 # Config sections whose change makes a checkpoint incompatible (a different model, data, or, for
 # Gumbel reflow, a different conditioning or teacher: the student would continue on other targets).
@@ -31,9 +49,25 @@ class CheckpointMismatchError(ValueError):
     """The workdir holds a checkpoint of a different experiment; never overwritten silently."""
 
 
-def manager(workdir: str, keep: int, *, async_save: bool = True) -> ocp.CheckpointManager:
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked: no such step, or none that reads."""
+
+
+class CheckpointDamagedError(CheckpointError):
+    """A checkpoint that cannot be read (a truncated or corrupted file, missing metadata)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (disk full, permissions): the run stops, older steps stay intact."""
+
+
+def manager(workdir: str, keep: int, *, async_save: bool = True, clean_partial: bool = False
+            ) -> ocp.CheckpointManager:
+    """``clean_partial`` (the training run): remove the temporary folders of writes that never
+    finished (a crash or a full disk mid-save); they are never steps, only wasted space."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=clean_partial,
     )
     # Remote folders (gs://bucket/run) go to orbax unchanged: it writes them through tensorstore/epath.
     root = workdir if is_remote(workdir) else os.path.abspath(workdir)
@@ -64,6 +98,138 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
         args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
     )
     return restored["state"], restored["meta"]
+
+
+def step_path(mngr: ocp.CheckpointManager, step: int) -> str:
+    return str(epath.Path(mngr.directory) / str(step))
+
+
+def damage_reason(err: BaseException) -> str:
+    """Why a read failed, in one line: the messages of the exception chain without tensorstore's
+    spec dumps (the file and array they name stay)."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen and len(parts) < 3:
+        seen.add(id(e))
+        text = str(e).split("[tensorstore_spec")[0].split("See full TensorStore details")[0]
+        text = " ".join(text.split()).rstrip(". ")
+        if text and all(text not in p for p in parts):
+            parts.append(f"{type(e).__name__}: {text}")
+        e = e.__cause__ or e.__context__
+    reason = "; ".join(parts) or type(err).__name__
+    return reason if len(reason) <= 500 else reason[:500] + "…"
+
+
+def damaged(mngr: ocp.CheckpointManager, step: int, reason: str) -> CheckpointDamagedError:
+    return CheckpointDamagedError(f"the checkpoint at step {step} ({step_path(mngr, step)}) is damaged: {reason}")
+
+
+def guarded(mngr: ocp.CheckpointManager, step: int, read: Callable[[], T]) -> T:
+    """Runs ``read`` (an orbax read of ``step``), turning any failure into a
+    CheckpointDamagedError that names the step, its folder and why."""
+    base = epath.Path(step_path(mngr, step))
+    missing = [f for f in REQUIRED_FILES if not (base / f).exists()]
+    if missing:
+        raise damaged(mngr, step, f"missing {', '.join(missing)}")
+    _quiet_closed_loop_callbacks()
+    try:
+        return read()
+    except Exception as err:  # orbax/tensorstore raise many types; all mean "this step does not read"
+        raise damaged(mngr, step, damage_reason(err)) from err
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """When a read fails, tensorstore's pending callbacks for the other arrays land on orbax's
+    already closed event loop and each prints a "RuntimeError: Event loop is closed" traceback
+    (harmless: nobody waits for them). Drop exactly those, so the message about the damaged
+    checkpoint is not buried; every other unraisable exception is reported as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+def select(
+    mngr: ocp.CheckpointManager, load_step: Callable[[int], T], *, step: int | None = None,
+    steps: Sequence[int] | None = None, how: str = "step={}",
+) -> tuple[T, int, list[int]]:
+    """Loads ``step``, or else the newest step that reads: (result, step, damaged newer steps).
+
+    ``load_step(s)`` raises CheckpointDamagedError for a step that does not read (see
+    ``guarded``); any other error propagates. A damaged newest step is reported and the next
+    older one tried (the fallback is logged); damaged steps are left where they are. An explicit
+    ``step`` that is damaged raises, naming the steps that do load (``how`` says how to pick one).
+    """
+    steps = sorted(mngr.all_steps() if steps is None else steps, reverse=True)
+    where = str(mngr.directory)
+    if step is not None:
+        if step not in steps:
+            raise CheckpointError(
+                f"{where} holds no checkpoint of step {step}; the steps kept there are: {_steps_text(steps)}"
+            )
+        try:
+            return load_step(step), step, []
+        except CheckpointDamagedError as err:
+            readable = [s for s in steps if s != step and _reads(load_step, s)]
+            hint = (f"steps that load: {_steps_text(readable)}; pick one with {how.format(readable[0], readable[0])}"
+                    if readable else "no other step there loads either")
+            raise CheckpointDamagedError(f"{err}\n{hint}") from err
+    bad: list[CheckpointDamagedError] = []
+    for s in steps:
+        try:
+            result = load_step(s)
+        except CheckpointDamagedError as err:
+            log.warning("%s; trying the next older checkpoint", err)
+            bad.append(err)
+            continue
+        if bad:
+            log.warning("falling back to the checkpoint at step %d, the newest that loads; damaged and left in "
+                        "place: step %s", s, _steps_text(steps[: len(bad)]))
+        return result, s, list(steps[: len(bad)])
+    raise CheckpointDamagedError(
+        f"no checkpoint in {where} can be read:\n  " + "\n  ".join(str(e) for e in bad)
+        + "\nThey are left in place. Restore them from a copy, or move the checkpoints folder away "
+        "(or use a new --workdir) to start over."
+    )
+
+
+def _reads(load_step: Callable[[int], Any], step: int) -> bool:
+    try:
+        load_step(step)
+    except CheckpointDamagedError:
+        return False
+    return True
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    return ", ".join(str(s) for s in steps) if steps else "none"
+
+
+def set_aside(mngr: ocp.CheckpointManager, steps: Sequence[int], folder: str) -> list[str]:
+    """Moves step folders out of the checkpoints folder into ``<workdir>/<folder>/`` (never
+    deletes them); returns the new paths. Call on one process only, then ``mngr.reload()``."""
+    root = epath.Path(mngr.directory)
+    target = root.parent / folder
+    moved = []
+    for s in steps:
+        target.mkdir(parents=True, exist_ok=True)
+        dest = target / str(s)
+        n = 1
+        while dest.exists():  # the same step set aside before: keep both
+            dest = target / f"{s}.{n}"
+            n += 1
+        (root / str(s)).rename(dest)
+        moved.append(str(dest))
+    return moved
 
 
 def _lookup(tree: dict, dotted: str) -> Any:

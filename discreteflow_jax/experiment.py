@@ -20,7 +20,7 @@ from discreteflow_jax.data import DataError, load_tokenizer, make_dataset
 log = logging.getLogger("discreteflow_jax")
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, DataError, shd.ShardingError, ckpt.CheckpointMismatchError,
+    ConfigError, DataError, shd.ShardingError, ckpt.CheckpointMismatchError, ckpt.CheckpointError,
 )
 
 
@@ -65,7 +65,10 @@ def prepare(config: ml_collections.ConfigDict, data_dir: str | None = None) -> t
     return cfg, tokenizer, dataset
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = None) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = None,
+        resume_step: int | None = None) -> dict:
+    """Trains (resuming from the newest checkpoint of ``workdir`` that loads, or from
+    ``resume_step``) and returns the final state and metrics."""
     from discreteflow_jax import distributed
     from discreteflow_jax.config import to_plain
     from discreteflow_jax.tasks import build_task
@@ -76,5 +79,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
     distributed.check_same_config(to_plain(config))
     cfg, tokenizer, dataset = prepare(config, data_dir)
     task = build_task(cfg)
-    trainer = Trainer(cfg, task, workdir, dataset, tokenizer)
+    trainer = Trainer(cfg, task, workdir, dataset, tokenizer, resume_step=resume_step)
     return trainer.run()

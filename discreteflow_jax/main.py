@@ -1,11 +1,12 @@
 """Command-line entry point.
 
     python -m discreteflow_jax.main --config=configs/shakespeare_baseline.py[:cpu|:smoke] \
-        --workdir=DIR [--config.causal=True] [--config.train.num_steps=...] [--data_dir=DIR]
+        --workdir=DIR [--config.causal=True] [--config.train.num_steps=...] [--data_dir=DIR] [--resume_step=N]
 
-Trains (or resumes from the newest checkpoint in --workdir), evaluates the validation loss per
-t-bucket, prints and saves samples, and writes checkpoints and metrics. Any config field can be
-overridden with --config.<section>.<field>=value; run with --helpfull to list all flags.
+Trains (or resumes from the newest checkpoint in --workdir that loads, or from --resume_step),
+evaluates the validation loss per t-bucket, prints and saves samples, and writes checkpoints and
+metrics. Any config field can be overridden with --config.<section>.<field>=value; run with
+--helpfull to list all flags.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics, samples; reused to resume.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Offline data folder (overrides config.data.data_dir and $DISCRETEFLOW_DATA_DIR)."
+)
+_RESUME_STEP = flags.DEFINE_integer(
+    "resume_step", None,
+    "Resume from this checkpoint step instead of the newest that loads; newer checkpoints are moved to "
+    "<workdir>/checkpoints_skipped/ (kept). Drop the flag on later reruns.",
 )
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
@@ -58,7 +64,7 @@ def main(argv: list[str]) -> None:
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend(),
     )
     try:
-        result = experiment.run(_CONFIG.value, _WORKDIR.value, data_dir=_DATA_DIR.value)
+        result = experiment.run(_CONFIG.value, _WORKDIR.value, data_dir=_DATA_DIR.value, resume_step=_RESUME_STEP.value)
     except experiment.USER_ERRORS as err:  # a readable message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

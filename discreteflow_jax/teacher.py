@@ -104,11 +104,11 @@ def _bundle(model: nnx.Module, config: Any, source: str, bos_fallback: int | Non
 
 
 def load_teacher_checkpoint(workdir: str, step: int | None = None) -> TeacherBundle:
-    """Loads one checkpoint of one of our teacher runs (parameters only): ``step``, or the newest."""
+    """Loads one checkpoint of one of our teacher runs (parameters only): ``step``, or the newest
+    that loads (a damaged newer one is reported, logged and left in place)."""
     from etils import epath
 
     from discreteflow_jax import checkpoint as ckpt
-    from discreteflow_jax.train import TrainState, make_optimizer
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not epath.Path(ckpt_dir).is_dir():  # also a gs:// teacher workdir
@@ -117,20 +117,33 @@ def load_teacher_checkpoint(workdir: str, step: int | None = None) -> TeacherBun
             "then pass --config.teacher.checkpoint=DIR"
         )
     mngr = ckpt.manager(workdir, keep=1000, async_save=False)
-    available = sorted(int(s) for s in mngr.all_steps())
-    if not available:
-        mngr.close()
-        raise ConfigError(f"{ckpt_dir} holds no finished checkpoint; train the teacher first:\n  {TEACHER_COMMAND}")
-    if step is None:
-        step = available[-1]
-    elif step not in available:
-        mngr.close()
-        raise ConfigError(
-            f"{ckpt_dir} holds no checkpoint of step {step}; the steps kept there are: "
-            f"{', '.join(map(str, available))}"
+    try:
+        available = sorted(int(s) for s in mngr.all_steps())
+        if not available:
+            raise ConfigError(f"{ckpt_dir} holds no finished checkpoint; train the teacher first:\n  {TEACHER_COMMAND}")
+        if step is not None and step not in available:
+            raise ConfigError(
+                f"{ckpt_dir} holds no checkpoint of step {step}; the steps kept there are: "
+                f"{', '.join(map(str, available))}"
+            )
+        bundle, _, _ = ckpt.select(
+            mngr, lambda s: restore_teacher_step(mngr, workdir, s), step=step, how="--config.teacher.step={}",
         )
-    meta = ckpt.read_meta(mngr, step)
-    raw = meta.get("config", {})
+    finally:
+        mngr.close()
+    return bundle
+
+
+def restore_teacher_step(mngr: Any, workdir: str, step: int) -> TeacherBundle:
+    """One step of a teacher workdir; CheckpointDamagedError when it does not read, ConfigError
+    when it is not a teacher."""
+    from discreteflow_jax import checkpoint as ckpt
+    from discreteflow_jax.train import TrainState, make_optimizer
+
+    meta = ckpt.guarded(mngr, step, lambda: ckpt.read_meta(mngr, step))
+    raw = meta.get("config")
+    if not isinstance(raw, dict):
+        raise ckpt.damaged(mngr, step, "its metadata carries no config")
     if raw.get("task") != "teacher":
         raise ConfigError(
             f"{workdir} holds a checkpoint of task {raw.get('task')!r}, not an autoregressive teacher. "
@@ -145,8 +158,7 @@ def load_teacher_checkpoint(workdir: str, step: int | None = None) -> TeacherBun
     abstract_state = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), abstract_params)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
-    state, _ = ckpt.restore(mngr, step, target)
-    mngr.close()
+    state, _ = ckpt.guarded(mngr, step, lambda: ckpt.restore(mngr, step, target))
     model = nnx.merge(graphdef, state.params)
     return dataclasses.replace(_bundle(model, model_cfg, f"{workdir} (step {step})", bos_fallback=1), step=step)
 

@@ -153,8 +153,9 @@ class Trainer:
     """Owns the mesh, the jitted programs, the checkpoint manager and the loop."""
 
     def __init__(self, cfg: ExperimentConfig, task: Task, workdir: str, dataset: Any, tokenizer: Any,
-                 preemption_sync_every: int = 10):
+                 preemption_sync_every: int = 10, resume_step: int | None = None):
         self.cfg, self.task, self.workdir = cfg, task, workdir
+        self.resume_step = resume_step  # None: the newest checkpoint that loads
         self.dataset, self.tokenizer = dataset, tokenizer
         self.preemption_sync_every = preemption_sync_every  # steps between SIGTERM agreements (multi-process)
         # First, before any shape check can fail on some processes only: every process must run the same
@@ -197,7 +198,8 @@ class Trainer:
         )
         self.base_key = jax.random.key(cfg.seed)
         self.writer = MetricWriter(workdir, enabled=self.process_index == 0)
-        self.ckpt = ckpt.manager(workdir, cfg.train.keep_checkpoints)
+        self.ckpt = ckpt.manager(workdir, cfg.train.keep_checkpoints, clean_partial=True)
+        self._unconfirmed_save: int | None = None  # step of the last asynchronous save not yet finished
 
     # -- state -----------------------------------------------------------------------------
     def init_state(self) -> TrainState:
@@ -209,22 +211,64 @@ class Trainer:
         return jax.jit(init, out_shardings=self.state_shardings)()
 
     def restore_or_init(self) -> TrainState:
-        latest = self.ckpt.latest_step()
-        if latest is None:
+        """The state of the newest checkpoint that loads (or of ``resume_step``), else a new one.
+
+        A damaged newer checkpoint is reported, moved to ``<workdir>/checkpoints_damaged/`` (kept,
+        never deleted; later saves of the same step and pruning would otherwise meet it) and the
+        next older one restored. With ``resume_step``, newer checkpoints are moved to
+        ``<workdir>/checkpoints_skipped/`` so the run can write those steps again.
+        """
+        steps = sorted(self.ckpt.all_steps(), reverse=True)
+        if not steps:
+            if self.resume_step is not None:
+                raise ckpt.CheckpointError(
+                    f"--resume_step={self.resume_step}: {self.ckpt.directory} holds no checkpoint yet"
+                )
             return self.init_state()
-        meta = ckpt.read_meta(self.ckpt, latest)
-        ckpt.check_compatible(
-            meta.get("config", {}), self.cfg.raw, self.workdir, meta.get("task_identity"), self.task.identity
+        (state, meta), step, bad = ckpt.select(
+            self.ckpt, self._restore_step, step=self.resume_step, steps=steps, how="--resume_step={}",
         )
-        state, meta = ckpt.restore(self.ckpt, latest, self.abstract_state)
+        newer = [s for s in steps if s > step]
+        if newer:
+            folder = ckpt.SKIPPED_DIR if self.resume_step is not None else ckpt.DAMAGED_DIR
+            if self.process_index == 0:
+                moved = ckpt.set_aside(self.ckpt, newer, folder)
+                log.warning("moved %s out of the way (kept, not deleted): %s",
+                            "the damaged checkpoints" if folder == ckpt.DAMAGED_DIR else
+                            f"the checkpoints newer than step {step}", ", ".join(moved))
+            if self.process_count > 1:
+                dist.allgather_json(None)  # the others wait until the folders have moved
+            self.ckpt.reload()
         data_state = meta.get("data_state")
         per_process = meta.get("data_states")  # one entry per process (each reads its own shard)
         if isinstance(per_process, list) and len(per_process) == self.process_count:
             data_state = per_process[self.process_index]
         if data_state is not None and hasattr(self.dataset, "restore"):
             self.dataset.restore(data_state)
-        log.info("resumed from %s at step %d", self.ckpt.directory, latest)
+        log.info("resumed from %s at step %d", self.ckpt.directory, step)
         return state
+
+    def _restore_step(self, step: int) -> tuple[TrainState, dict]:
+        """(state, meta) of one step; CheckpointDamagedError when it does not read on any process.
+        A checkpoint of another experiment raises CheckpointMismatchError (never a fallback)."""
+        error: ckpt.CheckpointDamagedError | None = None
+        try:
+            meta = ckpt.guarded(self.ckpt, step, lambda: ckpt.read_meta(self.ckpt, step))
+            if not isinstance(meta.get("config"), dict):
+                raise ckpt.damaged(self.ckpt, step, "its metadata carries no config")
+            ckpt.check_compatible(
+                meta.get("config", {}), self.cfg.raw, self.workdir, meta.get("task_identity"), self.task.identity
+            )
+            state, meta = ckpt.guarded(self.ckpt, step, lambda: ckpt.restore(self.ckpt, step, self.abstract_state))
+        except ckpt.CheckpointDamagedError as err:
+            error = err
+        if self.process_count > 1:  # every process falls back together, or none does
+            reasons = [r for r in dist.allgather_json(None if error is None else str(error)) if r]
+            if reasons and error is None:
+                error = ckpt.CheckpointDamagedError(reasons[0])
+        if error is not None:
+            raise error
+        return state, meta
 
     def save(self, state: TrainState, *, force: bool = False) -> None:
         step = int(jax.device_get(state.step))
@@ -233,7 +277,33 @@ class Trainer:
         if self.process_count > 1:
             # Only process 0 writes the JSON item, so the others' stream positions travel with it.
             meta["data_states"] = dist.allgather_json(meta["data_state"])
-        ckpt.save(self.ckpt, step, state, meta, force=force)
+        self.finish_saves()
+        try:
+            ckpt.save(self.ckpt, step, state, meta, force=force)
+        except Exception as err:
+            self._write_failed(step, err)
+        self._unconfirmed_save = step
+
+    def finish_saves(self) -> None:
+        """Waits for the asynchronous checkpoint write in flight; a failed one stops the run with
+        CheckpointWriteError (the steps written before it stay intact)."""
+        try:
+            self.ckpt.wait_until_finished()
+        except Exception as err:
+            self._write_failed(self._unconfirmed_save, err)
+        self._unconfirmed_save = None
+
+    def _write_failed(self, step: int | None, err: Exception) -> None:
+        self.ckpt.reload()  # what is really on disk: the failed step is not a checkpoint
+        good = self.ckpt.latest_step()
+        kept = (f"the newest intact checkpoint is step {good}; rerunning the same command resumes from it"
+                if good is not None else "no checkpoint was finished yet; rerunning starts over")
+        path = ckpt.step_path(self.ckpt, step) if step is not None else str(self.ckpt.directory)
+        raise ckpt.CheckpointWriteError(
+            f"could not write the checkpoint of step {step} to {path}: {ckpt.damage_reason(err)}. "
+            f"Training stopped; {kept} (its unfinished temporary folder is removed then). Free space "
+            "or fix the folder first."
+        ) from err
 
     def _data_state(self) -> dict:
         return self.dataset.state() if hasattr(self.dataset, "state") else {}
@@ -283,7 +353,7 @@ class Trainer:
         guard = dist.PreemptionGuard(self.preemption_sync_every)
         with guard:
             result = self._loop(state, start, guard)
-        self.ckpt.wait_until_finished()
+        self.finish_saves()
         self.writer.flush()
         if result.get("preempted"):
             log.info("stopped by signal %s after step %d; checkpoint saved", guard.received, result["step"])

@@ -1,0 +1,211 @@
+"""Faults a run must survive, each injected on purpose: a damaged newest checkpoint, a full disk
+while saving. Every test asserts the message and what was kept. Smoke shapes, seconds each."""
+
+from __future__ import annotations
+
+import errno
+import glob
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, load_config
+
+from discreteflow_jax import api, experiment
+from discreteflow_jax import checkpoint as ckpt
+from discreteflow_jax.presets import set_fields
+
+STEPS = 9  # checkpoints at steps 3, 6 and 9
+
+
+def smoke(**overrides):
+    base = {"train.num_steps": STEPS, "train.eval_every": 100}
+    return set_fields(load_config("shakespeare_baseline", "smoke"), {**base, **overrides})
+
+
+def params_of(state) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished smoke run with checkpoints 3, 6, 9, and its final parameters."""
+    data = str(REPO.parent / "shared" / "data")
+    if not os.path.exists(os.path.join(data, "tiny_shakespeare", "input.txt")):
+        pytest.skip("offline data folder not found")
+    workdir = str(tmp_path_factory.mktemp("faults") / "run")
+    result = experiment.run(smoke(), workdir, data_dir=data)
+    return workdir, params_of(result["state"])
+
+
+def copy_run(trained, tmp_path) -> str:
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained[0], workdir)
+    return workdir
+
+
+def step_dir(workdir: str, step: int) -> str:
+    return os.path.join(workdir, "checkpoints", str(step))
+
+
+def flip_bytes(path: str) -> bytes:
+    data = bytearray(open(path, "rb").read())
+    middle = len(data) // 2
+    for i in range(middle, min(len(data), middle + 16)):
+        data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    return bytes(data)
+
+
+def damage(workdir: str, step: int, how: str) -> tuple[str, str]:
+    """Damages one checkpoint as a failing disk or an interrupted copy would; returns (the file
+    touched, a piece of the reason the message must give)."""
+    base = step_dir(workdir, step)
+    if how == "corrupted":  # bytes flipped in the data file that indexes every array
+        (path,) = glob.glob(os.path.join(base, "state", "d", "*"))
+        flip_bytes(path)
+        return path, "DATA_LOSS"
+    if how == "truncated":  # the largest array file cut to a third
+        path = max(glob.glob(os.path.join(base, "state", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
+        os.truncate(path, os.path.getsize(path) // 3)
+        return path, "reading array"
+    if how == "no_state_metadata":
+        path = os.path.join(base, "state", "_METADATA")
+        os.remove(path)
+        return path, "missing state/_METADATA"
+    if how == "no_meta":
+        path = os.path.join(base, "meta", "metadata")
+        os.remove(path)
+        return path, "missing meta/metadata"
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["corrupted", "truncated", "no_state_metadata", "no_meta"])
+def test_damaged_newest_checkpoint_falls_back(trained, tmp_path, data_dir, caplog, how):
+    workdir = copy_run(trained, tmp_path)
+    touched, reason = damage(workdir, STEPS, how)
+    damaged_bytes = open(touched, "rb").read() if os.path.exists(touched) else None
+    with caplog.at_level(logging.WARNING, logger="discreteflow_jax"):
+        result = experiment.run(smoke(), workdir, data_dir=data_dir)
+    log = caplog.text
+    assert f"the checkpoint at step {STEPS} ({step_dir(workdir, STEPS)}) is damaged" in log
+    assert reason in log
+    assert "falling back to the checkpoint at step 6" in log
+    # Resumed from step 6 and retrained 7..9 exactly as the first time: nothing lost.
+    assert int(result["state"].step) == STEPS
+    for a, b in zip(trained[1], params_of(result["state"])):
+        np.testing.assert_array_equal(a, b)
+    # The damaged checkpoint is kept, byte for byte, out of the way of the new step 9.
+    kept = os.path.join(workdir, ckpt.DAMAGED_DIR, str(STEPS))
+    assert os.path.isdir(kept)
+    moved = touched.replace(step_dir(workdir, STEPS), kept)
+    assert os.path.exists(moved) == (damaged_bytes is not None)
+    if damaged_bytes is not None:
+        assert open(moved, "rb").read() == damaged_bytes
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [3, 6, 9]
+
+
+def test_every_checkpoint_damaged_stops_with_all_reasons(trained, tmp_path, data_dir):
+    workdir = copy_run(trained, tmp_path)
+    for step in (3, 6, 9):
+        damage(workdir, step, "no_meta")
+    with pytest.raises(ckpt.CheckpointDamagedError) as info:
+        experiment.run(smoke(), workdir, data_dir=data_dir)
+    message = str(info.value)
+    assert "no checkpoint in" in message and "left in place" in message
+    for step in (3, 6, 9):
+        assert f"step {step} ({step_dir(workdir, step)}) is damaged: missing meta/metadata" in message
+        assert os.path.isdir(step_dir(workdir, step))  # nothing moved, nothing deleted
+
+
+def test_resume_step_picks_a_checkpoint(trained, tmp_path, data_dir, caplog):
+    workdir = copy_run(trained, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="discreteflow_jax"):
+        result = experiment.run(smoke(), workdir, data_dir=data_dir, resume_step=3)
+    assert "newer than step 3" in caplog.text
+    for a, b in zip(trained[1], params_of(result["state"])):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(os.listdir(os.path.join(workdir, ckpt.SKIPPED_DIR))) == ["6", "9"]
+    with pytest.raises(ckpt.CheckpointError, match=r"no checkpoint of step 4; the steps kept there are: 9, 6, 3"):
+        experiment.run(smoke(), workdir, data_dir=data_dir, resume_step=4)
+
+
+def test_resume_step_damaged_names_steps_that_load(trained, tmp_path, data_dir):
+    workdir = copy_run(trained, tmp_path)
+    damage(workdir, 6, "truncated")
+    with pytest.raises(ckpt.CheckpointDamagedError) as info:
+        experiment.run(smoke(), workdir, data_dir=data_dir, resume_step=6)
+    assert f"step 6 ({step_dir(workdir, 6)}) is damaged" in str(info.value)
+    assert "steps that load: 9, 3; pick one with --resume_step=9" in str(info.value)
+
+
+def test_load_sample_export_fall_back_or_name_loadable_steps(trained, tmp_path, data_dir, caplog):
+    workdir = copy_run(trained, tmp_path)
+    damage(workdir, STEPS, "corrupted")
+    with caplog.at_level(logging.WARNING, logger="discreteflow_jax"):
+        model = api.load(workdir, data_dir)
+    assert model.step == 6
+    assert f"step {STEPS} ({step_dir(workdir, STEPS)}) is damaged" in caplog.text
+    assert "falling back to the checkpoint at step 6" in caplog.text
+    with pytest.raises(ckpt.CheckpointDamagedError, match=r"steps that load: 6, 3; pick one with step=6"):
+        api.load(workdir, data_dir, step=STEPS)
+    assert os.path.isdir(step_dir(workdir, STEPS))  # readers never move or delete anything
+
+    env = dict(os.environ, DISCRETEFLOW_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
+    for module, extra in (("sample", ["--num_samples=1", "--steps=1", f"--out={tmp_path}/s.txt"]),
+                          ("export", [f"--out={tmp_path}/export"])):
+        cmd = [sys.executable, "-m", f"discreteflow_jax.{module}", f"--workdir={workdir}", f"--step={STEPS}", *extra]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+        assert f"the checkpoint at step {STEPS}" in out.stderr and "is damaged" in out.stderr
+        assert "steps that load: 6, 3; pick one with step=6 (--step=6 on the command line)" in out.stderr
+
+
+def test_disk_full_while_saving_stops_and_keeps_last_good_checkpoint(trained, tmp_path, data_dir, monkeypatch):
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    workdir = str(tmp_path / "run")
+    real_write = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+    async def disk_full_from_step_6(self, item, directory):  # the state item is already half written
+        if item.get("step", 0) >= 6:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        return await real_write(self, item, directory)
+
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", disk_full_from_step_6)
+    with pytest.raises(ckpt.CheckpointWriteError) as info:
+        experiment.run(smoke(), workdir, data_dir=data_dir)
+    message = str(info.value)
+    assert f"could not write the checkpoint of step 6 to {step_dir(workdir, 6)}" in message
+    assert "No space left on device" in message
+    assert "the newest intact checkpoint is step 3" in message
+    steps = os.listdir(os.path.join(workdir, "checkpoints"))
+    assert "3" in steps and "6" not in steps and "9" not in steps  # the half-written step is no step
+    assert any(s.startswith("6.") for s in steps)  # its unfinished temporary folder
+
+    # Space is back: the same command resumes from step 3 (never from the half-written 6) and
+    # ends exactly where an undisturbed run ends.
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", real_write)
+    result = experiment.run(smoke(), workdir, data_dir=data_dir)
+    for a, b in zip(trained[1], params_of(result["state"])):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6", "9"]  # temporary folder gone
+
+
+def test_cli_reports_damaged_run_without_traceback(trained, tmp_path, data_dir):
+    workdir = copy_run(trained, tmp_path)
+    for step in (3, 6, 9):
+        damage(workdir, step, "no_state_metadata")
+    env = dict(os.environ, DISCRETEFLOW_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "discreteflow_jax.main", f"--config={REPO}/configs/shakespeare_baseline.py:smoke",
+           f"--workdir={workdir}", f"--config.train.num_steps={STEPS}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "error: no checkpoint in" in out.stderr and "missing state/_METADATA" in out.stderr
