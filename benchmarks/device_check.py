@@ -9,9 +9,10 @@ device's memory (launch/README.md: the largest power of two with ``fixed + b · 
 85%`` of it), compiles it, runs one warm-up and ``--steps`` timed steps, and prints tokens/s, MFU
 (XLA's FLOP count ÷ step time ÷ the device kind's dense bf16 peak, ``common.PEAK_BF16_TFLOPS``)
 and the peak device memory (``memory_stats()["peak_bytes_in_use"]``). The Gumbel teacher is a
-GPT-2 124M with random weights (no download; values do not change the cost). About 3–5 minutes
-on one H100/H200, most of it compilation (two compiles per config: the step, and its
-``loss_chunk=0`` twin for the FLOP count, since XLA counts a loop body once).
+GPT-2 124M with random weights (no download; values do not change the cost). Meant to finish
+within 5 minutes on one H100/H200, most of it compilation (two compiles per config: the step, and
+its ``loss_chunk=0`` twin for the FLOP count, since XLA counts a loop body once); the report's
+``total_wall_s`` says how long it took.
 
 On a machine with several GPUs it uses the first (``CUDA_VISIBLE_DEVICES=0`` unless set); on a
 TPU host every chip JAX sees runs the per-device batch (MFU over all of them). Without a GPU or
