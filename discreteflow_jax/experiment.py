@@ -62,6 +62,9 @@ def prepare(config: ml_collections.ConfigDict, data_dir: str | None = None) -> t
         d.name, d.seq_len, tokenizer, data_dir=d.data_dir or None, seed=cfg.seed,
         process_index=jax.process_index(), process_count=jax.process_count(), **kwargs,
     )
+    check = getattr(dataset, "check_readable", None)  # streamed data: read its start now, not at step 0
+    if check is not None:
+        check()
     return cfg, tokenizer, dataset
 
 

@@ -70,12 +70,22 @@ def load_teacher_bundle(cfg: ExperimentConfig) -> Any:
     return load_teacher(dict(cfg.extra.get("teacher") or {}), data_dir=cfg.data.data_dir or None)
 
 
-def check_teacher(teacher: Any, student: TokenFlowConfig, seq_len: int) -> None:
-    """Raises ConfigError when the teacher cannot drive this student."""
+def check_teacher(teacher: Any, student: TokenFlowConfig, seq_len: int, tokenizer: str | None = None) -> None:
+    """Raises ConfigError when the teacher cannot drive this student (``tokenizer``: the one of
+    the student's data, compared with the teacher's when the teacher records it)."""
     source = getattr(teacher, "source", "the teacher")
     if teacher.kind not in TEACHER_KINDS:
         raise ConfigError(
             f"{source} is a {teacher.kind!r} model; Gumbel reflow needs one of: {', '.join(TEACHER_KINDS)}"
+        )
+    teacher_tokenizer = getattr(teacher, "tokenizer", None)
+    if tokenizer and teacher_tokenizer and teacher_tokenizer != tokenizer:
+        # Same ids would mean different text: the teacher's distribution would describe other tokens.
+        raise ConfigError(
+            f"the teacher ({source}) was trained on {teacher_tokenizer}-tokenized text (vocabulary "
+            f"{teacher.vocab_size}) but the student reads {tokenizer} tokens (config.data.tokenizer={tokenizer!r}, "
+            f"config.model.vocab_size={student.vocab_size}); set --config.data.tokenizer={teacher_tokenizer} "
+            "and its vocabulary size, or use a teacher trained on the student's tokenizer"
         )
     if teacher.vocab_size != student.vocab_size:
         # G has one coordinate per teacher token and softmax(G)·E uses the student's embedding rows.
@@ -131,7 +141,7 @@ def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
         )
     if teacher is None:
         teacher = load_teacher_bundle(cfg)
-    check_teacher(teacher, student, cfg.data.seq_len)
+    check_teacher(teacher, student, cfg.data.seq_len, cfg.data.tokenizer)
     t_graphdef = teacher_graphdef(teacher, (cfg.extra.get("teacher") or {}).get("dtype"))
     bos = int(teacher.bos_id)
     mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)

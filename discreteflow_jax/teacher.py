@@ -86,6 +86,7 @@ class TeacherBundle:
     max_len: int
     source: str
     step: int | None = None  # the checkpoint step, for a teacher loaded from one of our workdirs
+    tokenizer: str | None = None  # the tokenizer of the teacher's training data, when known (our workdirs)
 
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.params)
@@ -160,7 +161,8 @@ def restore_teacher_step(mngr: Any, workdir: str, step: int) -> TeacherBundle:
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
     state, _ = ckpt.guarded(mngr, step, lambda: ckpt.restore(mngr, step, target))
     model = nnx.merge(graphdef, state.params)
-    return dataclasses.replace(_bundle(model, model_cfg, f"{workdir} (step {step})", bos_fallback=1), step=step)
+    return dataclasses.replace(_bundle(model, model_cfg, f"{workdir} (step {step})", bos_fallback=1), step=step,
+                               tokenizer=saved.data.tokenizer)
 
 
 def load_teacher(section: dict, data_dir: str | None = None) -> TeacherBundle:

@@ -3,10 +3,12 @@ while saving. Every test asserts the message and what was kept. Smoke shapes, se
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import glob
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -209,3 +211,76 @@ def test_cli_reports_damaged_run_without_traceback(trained, tmp_path, data_dir):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "error: no checkpoint in" in out.stderr and "missing state/_METADATA" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Mismatched inputs between stages: refused before anything compiles, saying what differs
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test if the run gets as far as building the trainer (and compiling)."""
+    from discreteflow_jax import train
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the input was accepted: the run reached the trainer")
+
+    monkeypatch.setattr(train, "Trainer", reached)
+
+
+def fineweb_smoke(path: str, **overrides):
+    return set_fields(load_config("fineweb_baseline", "smoke"), {"data.local_path": path, **overrides})
+
+
+def test_fineweb_file_without_text_column_is_refused(tmp_path, data_dir, no_training):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"content": "First Citizen: Before we proceed", "url": "x"}\n' * 50)
+    with pytest.raises(experiment.DataError, match=r"no 'text' column; columns found: \['content', 'url'\]"):
+        experiment.run(fineweb_smoke(str(path)), str(tmp_path / "run"), data_dir=data_dir)
+
+
+def test_data_file_shorter_than_one_window_is_refused(tmp_path, data_dir, no_training):
+    from discreteflow_jax.data import load_tokenizer
+    from discreteflow_jax.data.fineweb import FineWebData
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "Before we proceed any further"}\n')  # 6 tokens with EOS; a window is 32
+    with pytest.raises(experiment.DataError, match=re.escape("packs into only 0 rows of 32 tokens, fewer than "
+                                                             "val_rows=2")):
+        experiment.run(fineweb_smoke(str(path)), str(tmp_path / "run"), data_dir=data_dir)
+    # Without validation rows (a dataset used for training only), the window itself is the limit.
+    data = FineWebData(32, load_tokenizer("gpt2", data_dir), local_path=str(path), val_rows=0)
+    with pytest.raises(experiment.DataError, match=re.escape("holds only 6 tokens (EOS included), less than one "
+                                                             "window of seq_len=32")):
+        data.check_readable()
+
+
+def test_shakespeare_file_shorter_than_one_window_is_refused(tmp_path, data_dir, no_training):
+    short = tmp_path / "data"
+    (short / "tiny_shakespeare").mkdir(parents=True)
+    (short / "tiny_shakespeare" / "input.txt").write_text("First Citizen:\nBefore we proceed any further, hear me.\n")
+    os.symlink(os.path.join(data_dir, "llama_tokenizer"), short / "llama_tokenizer")
+    with pytest.raises(experiment.DataError, match=r"seq_len=16 does not fit the Shakespeare (train|validation) split"):
+        experiment.run(smoke(), str(tmp_path / "run"), data_dir=str(short))
+
+
+def test_teacher_with_another_tokenizer_is_refused():
+    from flax import nnx
+
+    from discreteflow_jax.config import ConfigError, parse_config
+    from discreteflow_jax.gumbel_task import add_gumbel_sections, gumbel_task
+    from discreteflow_jax.models.llama import Llama, LlamaConfig
+    from discreteflow_jax.presets import tokenflow_defaults
+    from discreteflow_jax.teacher import _bundle
+
+    vocab = 64
+    llama = Llama(LlamaConfig(vocab_size=vocab, dim=16, num_layers=1, num_heads=2, ffn_hidden=32, max_len=32,
+                              bos_id=1), rngs=nnx.Rngs(0))
+    teacher = dataclasses.replace(_bundle(llama, llama.config, "teacher_run (step 4)", 1), tokenizer="gpt2")
+    c = add_gumbel_sections(tokenflow_defaults())
+    c.model.vocab_size, c.model.dim, c.model.num_layers, c.model.num_heads, c.model.max_len = vocab, 16, 1, 2, 16
+    c.data.seq_len, c.data.tokenizer = 16, "llama"
+    with pytest.raises(ConfigError, match=r"teacher \(teacher_run \(step 4\)\) was trained on gpt2-tokenized text "
+                                          r"\(vocabulary 64\) but the student reads llama tokens"):
+        gumbel_task(parse_config(c), teacher=teacher)
+    gumbel_task(parse_config(c), teacher=dataclasses.replace(teacher, tokenizer="llama"))  # the same: accepted

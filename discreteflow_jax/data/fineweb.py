@@ -211,6 +211,29 @@ class FineWebData(TokenDataset):
             for (epoch, index, _), tokens in zip(chunk, ids):
                 yield epoch, index, np.concatenate([np.asarray(tokens, dtype=np.int32), eos])
 
+    def check_readable(self) -> None:
+        """Reads the start of this process's shard now, so that files without a ``text`` column,
+        with fewer tokens than one window or than the validation rows, or with no document left for
+        training are refused before anything compiles (not at the first step)."""
+        if self.val_rows > 0:
+            self._ensure_val()  # raises when the shard packs into fewer than val_rows rows
+            if next(itertools.islice(self._texts(), self._num_val_docs, None), None) is None:
+                raise DataError(
+                    f"No training documents in shard {self.process_index}/{self.process_count} of "
+                    f"{self.describe_source()}: all {self._num_val_docs} documents went to the {self.val_rows} "
+                    "validation rows; lower val_rows or use more data"
+                )
+            return
+        total = 0
+        for _, _, tokens in self._encoded((0, i, t) for i, t in enumerate(self._texts())):
+            total += len(tokens)
+            if total >= self.seq_len:
+                return
+        raise DataError(
+            f"Shard {self.process_index}/{self.process_count} of {self.describe_source()} holds only {total} tokens "
+            f"(EOS included), less than one window of seq_len={self.seq_len}; use more data or a shorter seq_len"
+        )
+
     # ------------------------------------------------------------------ validation
 
     def _ensure_val(self) -> None:
