@@ -320,6 +320,11 @@ class TokenFlowModel:
         return self.config.data.seq_len
 
     @property
+    def sample_length(self) -> int:
+        """Tokens one sample has by default: the training context."""
+        return self.seq_len
+
+    @property
     def architecture(self) -> TokenFlowConfig:
         """The module's config (for Gumbel models it includes what the gumbel section derives)."""
         return model_config(self.config)
@@ -399,35 +404,94 @@ class TokenFlowModel:
         return [self.tokenizer.decode_until_eos(row) for row in tokens]
 
     # -- scoring -----------------------------------------------------------------------------
-    def score(self, texts: Sequence[str], *, seed: int = 0, repeats: int = 1) -> dict[str, float]:
+    def score(self, texts: Sequence[str], *, seed: int = 0, repeats: int = 1, teacher: Any = None
+              ) -> dict[str, float]:
         """Flow loss of the given texts: the mean and one value per t-bucket.
 
         Each text is cut into windows of the training length (the last one padded and masked),
         and every window is scored once in every t-bucket (at a random time inside it), so each
         bucket sees all the text; ``repeats`` > 1 averages over more noise draws.
+
+        A Gumbel model is scored with its own source, as in its validation: the exact posterior
+        Gumbel noise of the text under its teacher. ``teacher`` is that teacher (a model from
+        ``load``, a ``teacher.TeacherBundle``, or a teacher workdir / Hugging Face path); by
+        default the one its training config names. Other models take no teacher.
         """
         from discreteflow_jax.tasks import summarize_flow
 
+        if self.kind != "gumbel" and teacher is not None:
+            raise ValueError(f"teacher= only applies to Gumbel models; this is a {self.kind} model")
+        t_module, bos = self._scoring_teacher(teacher) if self.kind == "gumbel" else (None, 0)
         windows, masks = _windows(self.tokenizer, texts, self.seq_len)
         nb = self.config.flow.num_buckets
         tokens = jnp.asarray(np.repeat(windows, nb, axis=0))
         mask = jnp.asarray(np.repeat(masks, nb, axis=0))
         bucket = jnp.tile(jnp.arange(nb, dtype=jnp.float32), windows.shape[0])
-        if "score" not in self._programs:  # compiled once per number of windows
+        t_graphdef, t_state = nnx.split(t_module) if t_module is not None else (None, None)
+        if ("score", t_graphdef, bos) not in self._programs:  # compiled once per number of windows
             graphdef = self.graphdef
+            gcfg = self._gumbel_config() if t_module is not None else None
 
-            def score_batch(params, tokens, mask, bucket, key):
+            def score_batch(params, t_state, tokens, mask, bucket, key):
                 model = nnx.merge(graphdef, params)
                 t = (bucket + jax.random.uniform(jax.random.fold_in(key, 1), bucket.shape)) / nb
-                return flow.flow_loss(model, tokens, mask, key, num_buckets=nb, t_B=t)[1]
+                if t_state is None:
+                    return flow.flow_loss(model, tokens, mask, key, num_buckets=nb, t_B=t)[1]
+                from discreteflow_jax import gumbel as gmb
 
-            self._programs["score"] = jax.jit(score_batch)
+                t_model = nnx.merge(t_graphdef, t_state)
+                sums = gmb.gumbel_flow_loss(model, t_model, tokens, mask, key, gcfg, bos_id=bos,
+                                            source="data_posterior", num_buckets=nb, t_B=t)[1]
+                return {k: v for k, v in sums.items() if k != "teacher_nll_sum"}
+
+            self._programs["score", t_graphdef, bos] = jax.jit(score_batch)
         sums = None
         for r in range(repeats):
-            out = self._programs["score"](self.params, tokens, mask, bucket, jax.random.key(seed + r))
+            out = self._programs["score", t_graphdef, bos](self.params, t_state, tokens, mask, bucket,
+                                                      jax.random.key(seed + r))
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         summary = summarize_flow(jax.device_get(sums), "score", nb)
         return {k.removeprefix("score/"): v for k, v in summary.items()}
+
+    def _gumbel_config(self) -> Any:
+        from discreteflow_jax import gumbel as gmb
+
+        return gmb.parse_gumbel_config(self.config.extra.get("gumbel"))
+
+    def _scoring_teacher(self, teacher: Any) -> tuple[nnx.Module, int]:
+        """The teacher module a Gumbel model is scored with, checked against this model up front."""
+        from discreteflow_jax.teacher import TeacherBundle, load_teacher
+
+        section = dict(self.config.extra.get("teacher") or {})
+        how = ("pass teacher= (the teacher it was distilled from: a model from discreteflow_jax.load(TEACHER_WORKDIR), "
+               "a teacher workdir or a Hugging Face GPT-2/LLaMA directory)")
+        try:
+            if teacher is None:
+                bundle = load_teacher(section)
+            elif isinstance(teacher, str):
+                is_workdir = os.path.isdir(os.path.join(os.path.expanduser(teacher), "checkpoints"))
+                bundle = load_teacher({"checkpoint": teacher} if is_workdir else {"hf": teacher})
+            else:
+                bundle = teacher
+        except Exception as e:
+            named = section.get("checkpoint") or section.get("hf") or "none"
+            raise ValueError(
+                f"a Gumbel model is scored with its own source, the posterior Gumbel noise of the text under its "
+                f"teacher, and its training teacher ({named}) could not be loaded ({type(e).__name__}: {e}); {how}"
+            ) from e
+        if isinstance(bundle, TeacherBundle):
+            module, bos = bundle.model(), bundle.bos_id
+        elif isinstance(bundle, TeacherModel):
+            module, bos = bundle.module, bundle.bos_id
+        else:
+            raise ValueError(f"teacher={type(teacher).__name__} is not a teacher model; {how}")
+        vocab = self.config.model.vocab_size
+        if module.config.vocab_size != vocab:
+            raise ValueError(f"the teacher has a vocabulary of {module.config.vocab_size} tokens but this model "
+                             f"{vocab}; {how}")
+        if module.config.max_len < self.seq_len or bos is None or not 0 <= int(bos) < vocab:
+            raise ValueError(f"the teacher must handle {self.seq_len} tokens and have a valid BOS id; {how}")
+        return module, int(bos)
 
     def gen_ppl(self, texts: Sequence[str], teacher: Any, **kwargs: Any) -> Any:
         return _gen_ppl(texts, teacher, self.tokenizer, **kwargs)
@@ -482,6 +546,11 @@ class TeacherModel:
     def seq_len(self) -> int:
         return self.config.data.seq_len if self.config is not None else self.module.config.max_len - 1
 
+    @property
+    def sample_length(self) -> int:
+        """Tokens one sample has by default: the training context, less the KV-cache slot BOS takes."""
+        return min(self.seq_len, self.module.config.max_len - 1)
+
     def model(self) -> nnx.Module:
         return self.module
 
@@ -508,7 +577,7 @@ class TeacherModel:
         del steps, unused
         if template is not None or known_tokens is not None or known_mask is not None:
             raise ValueError("an autoregressive teacher only continues a prefix: use prompt=, not a template or mask")
-        length = self.seq_len if length is None else length
+        length = self.sample_length if length is None else length
         max_len = self.module.config.max_len
         if not 1 <= length <= max_len - 1:
             raise ValueError(f"length must be in [1, {max_len - 1}] (max_len minus the BOS slot), got {length}")
@@ -604,7 +673,7 @@ def continue_prefixes(
     Teachers ignore K (one model call per token) and return the same continuations for every K.
     Extra keyword arguments (``condition``, ``temperature``, ``schedule``) go to ``sample_tokens``.
     """
-    length = model.seq_len if length is None else length
+    length = model.sample_length if length is None else length
     ids = [model.tokenizer.encode(p) if isinstance(p, str) else [int(i) for i in p] for p in prefixes]
     for i, row in enumerate(ids):
         if not row or len(row) >= length:
@@ -659,8 +728,22 @@ def _config_from_raw(raw: dict) -> ExperimentConfig:
     return parse_config(ml_collections.ConfigDict(raw))
 
 
-def _tokenizer_for(cfg: ExperimentConfig, data_dir: str | None) -> Tokenizer:
-    return load_tokenizer(cfg.data.tokenizer, data_dir or cfg.data.data_dir or None)
+def tokenizer_folder(cfg: ExperimentConfig, data_dir: str | None, source: str | None = None) -> str | None:
+    """Where a model's tokenizer loads from: the caller's ``data_dir``; else the copy a workdir or
+    an export carries; else the training config's data folder (or $DISCRETEFLOW_DATA_DIR / the Hub)."""
+    from discreteflow_jax.data.tokenizers import WORKDIR_TOKENIZER, has_tokenizer_files
+
+    if data_dir:
+        return data_dir
+    if source and "://" not in str(source):
+        for folder in (os.path.join(source, WORKDIR_TOKENIZER), source):
+            if has_tokenizer_files(cfg.data.tokenizer, folder):
+                return folder
+    return cfg.data.data_dir or None
+
+
+def _tokenizer_for(cfg: ExperimentConfig, data_dir: str | None, source: str | None = None) -> Tokenizer:
+    return load_tokenizer(cfg.data.tokenizer, tokenizer_folder(cfg, data_dir, source))
 
 
 def abstract_tokenflow(cfg: ExperimentConfig) -> tuple[Any, Any]:
@@ -709,7 +792,7 @@ def _load_workdir(workdir: str, data_dir: str | None, step: int | None) -> Token
         (cfg, loaded), step, _ = ckpt.select(mngr, load_step, step=step, how="step={} (--step={} on the command line)")
     finally:
         mngr.close()
-    tokenizer = _tokenizer_for(cfg, data_dir)
+    tokenizer = _tokenizer_for(cfg, data_dir, workdir)
     if cfg.task == "teacher":
         return TeacherModel(cfg, loaded.model(), tokenizer, workdir, step)
     graphdef, params = loaded

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ from discreteflow_jax import checkpoint as ckpt
 from discreteflow_jax import sharding as shd
 from discreteflow_jax.config import ConfigError, ExperimentConfig, parse_config
 from discreteflow_jax.data import DataError, load_tokenizer, make_dataset
+from discreteflow_jax.data.tokenizers import WORKDIR_TOKENIZER, copy_tokenizer_files
 
 log = logging.getLogger("discreteflow_jax")
 
@@ -81,6 +83,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
     # would leave the others waiting in their first collective.
     distributed.check_same_config(to_plain(config))
     cfg, tokenizer, dataset = prepare(config, data_dir)
+    if jax.process_index() == 0 and not ckpt.is_remote(workdir):
+        # The workdir carries its tokenizer: loading it later needs no --data_dir.
+        copy_tokenizer_files(cfg.data.tokenizer, cfg.data.data_dir or None, os.path.join(workdir, WORKDIR_TOKENIZER))
     task = build_task(cfg)
     trainer = Trainer(cfg, task, workdir, dataset, tokenizer, resume_step=resume_step)
     return trainer.run()

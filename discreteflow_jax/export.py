@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -41,12 +40,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 KINDS = ("tokenflow", "gumbel", "llama")
-
-# Files of each tokenizer, relative to a data folder (the layout load_tokenizer reads).
-TOKENIZER_FILES = {
-    "llama": ("llama_tokenizer/tokenizer.model",),
-    "gpt2": ("gpt2_tokenizer/vocab.json", "gpt2_tokenizer/merges.txt"),
-}
 
 # format_version v -> function turning a v config.json into a v+1 one. Empty while only v1 exists.
 MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
@@ -125,22 +118,14 @@ def flatten_names(abstract_params: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _copy_tokenizer(name: str, data_dir: str | None, out_dir: str) -> list[str]:
-    """Copies the tokenizer's files when they are local; returns the paths written (relative)."""
-    from discreteflow_jax.data.tokenizers import resolve_data_dir
+    """Copies the tokenizer's files (wherever the tokenizer loads from: a data folder, a workdir's
+    copy, the Hub cache); returns the paths written (relative), or none when they cannot be found."""
+    from discreteflow_jax.data.tokenizers import DataError, copy_tokenizer_files
 
-    folder = resolve_data_dir(data_dir)
-    written = []
-    for rel in TOKENIZER_FILES.get(name, ()):
-        src = os.path.join(folder, rel) if folder else None
-        if src is None or not os.path.isfile(src):
-            return []  # ship all of a tokenizer's files or none (a half tokenizer is worse)
-        written.append(rel)
-    for rel in written:
-        os.makedirs(os.path.join(out_dir, os.path.dirname(rel)), exist_ok=True)
-        # copyfile, not copy: a read-only source (a shared data folder) must not make the export
-        # read-only, or exporting into the same directory again would fail.
-        shutil.copyfile(os.path.join(folder, rel), os.path.join(out_dir, rel))
-    return written
+    try:
+        return copy_tokenizer_files(name, data_dir, out_dir)
+    except DataError:
+        return []  # ship all of a tokenizer's files or none (a half tokenizer is worse)
 
 
 def _meta(kind: str, architecture: dict, cfg: Any, step: int | None, tokenizer: Any, files: list[str]) -> dict:
@@ -165,9 +150,10 @@ def export_model(model: Any, out_dir: str, data_dir: str | None = None) -> str:
     from discreteflow_jax.api import TeacherModel, TokenFlowModel
 
     os.makedirs(out_dir, exist_ok=True)
+    from discreteflow_jax.api import tokenizer_folder
+
     cfg = model.config
-    data_dir = data_dir or (cfg.data.data_dir if cfg is not None else None) or None
-    files = _copy_tokenizer(cfg.data.tokenizer, data_dir, out_dir)
+    files = _copy_tokenizer(cfg.data.tokenizer, tokenizer_folder(cfg, data_dir, model.source), out_dir)
     if isinstance(model, TeacherModel):
         from discreteflow_jax.convert import export_llama_to_hf
 

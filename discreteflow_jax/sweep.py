@@ -80,9 +80,7 @@ def batch_seed(seed: int, index: int) -> int:
 def natural_length(model: Any) -> int:
     """How many tokens one sample of this model has: the context for flows, one less for teachers
     (BOS takes a slot of the KV cache)."""
-    if is_autoregressive(model):
-        return min(model.seq_len, model.module.config.max_len - 1)
-    return model.seq_len
+    return model.sample_length
 
 
 def draw_samples(model: Any, steps: int | None, settings: SweepSettings, length: int) -> np.ndarray:

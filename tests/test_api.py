@@ -492,3 +492,119 @@ def test_dataclass_configs_are_plain_json():
     # config.json must stay readable without this package: architecture values are JSON scalars.
     arch = dataclasses.asdict(TokenFlowConfig())
     assert json.loads(json.dumps(arch)) == arch
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers to what was asked: teacher checkpoints by step, default lengths, Gumbel scoring
+
+
+def _save_teacher_checkpoints(workdir: str, data_dir: str, steps: tuple[int, ...]) -> tuple[dict, dict]:
+    """A teacher workdir holding one checkpoint per step, each with different parameters."""
+    from discreteflow_jax import checkpoint as ckpt
+    from discreteflow_jax.models.llama import Llama
+    from discreteflow_jax.train import TrainState, make_optimizer
+
+    c = load_config("shakespeare_teacher")
+    c.data.data_dir = data_dir
+    cfg = parse_config(c)
+    tx = make_optimizer(cfg.train)
+    mngr = ckpt.manager(workdir, keep=10, async_save=False)
+    modules = {}
+    for step in steps:
+        module = Llama(cfg.model, rngs=nnx.Rngs(step))
+        params = nnx.to_pure_dict(nnx.state(module))
+        state = TrainState(jnp.asarray(step, jnp.int32), params, tx.init(params))
+        ckpt.save(mngr, step, state, {"config": cfg.raw, "step": step, "data_state": {}}, force=True)
+        modules[step] = module
+    mngr.close()
+    return modules, cfg.raw
+
+
+def test_teacher_workdir_loads_the_step_asked_for(tmp_path, data_dir):
+    workdir = str(tmp_path / "teacher")
+    modules, _ = _save_teacher_checkpoints(workdir, data_dir, (2, 4))
+    tokens = jnp.asarray([[1, 100, 200, 300]])
+    for step in (2, 4, None):
+        loaded = dfj.load(workdir, step=step)
+        want = 4 if step is None else step
+        assert loaded.step == want
+        np.testing.assert_allclose(loaded.module(tokens), modules[want](tokens), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(modules[2](tokens), modules[4](tokens))
+    from discreteflow_jax import checkpoint as ckpt
+
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint of step 3; the steps kept there are: 4, 2"):
+        dfj.load(workdir, step=3)
+    from discreteflow_jax.config import ConfigError
+    from discreteflow_jax.teacher import load_teacher
+
+    assert load_teacher({"checkpoint": workdir, "step": 2}).step == 2
+    with pytest.raises(ConfigError, match="no checkpoint of step 3"):
+        load_teacher({"checkpoint": workdir, "step": 3})
+
+
+def test_teacher_default_length_fits_the_bos_slot(tmp_path, data_dir):
+    workdir = str(tmp_path / "teacher")
+    _save_teacher_checkpoints(workdir, data_dir, (1,))
+    teacher = dfj.load(workdir)
+    max_len = teacher.module.config.max_len
+    assert teacher.seq_len == max_len  # the teacher configs train on their whole context
+    tokens = teacher.sample_tokens(2, seed=0)  # no length: the default must work
+    assert tokens.shape == (2, max_len - 1)
+    conts = api.continue_prefixes(teacher, [[100, 200]], steps=(1,), return_tokens=True)[1]
+    assert len(conts[0]) == max_len - 1 - 2
+
+
+def _gumbel_flow_and_teacher(conditioning: str) -> tuple[api.TokenFlowModel, object]:
+    from discreteflow_jax.models.llama import Llama, LlamaConfig
+    from discreteflow_jax.teacher import TeacherBundle
+
+    tok = CharTokenizer()
+    c = load_config("shakespeare_baseline")
+    c.model.vocab_size = tok.vocab_size
+    c.task = "gumbel"
+    c.gumbel = ml_collections.ConfigDict({"conditioning": conditioning})
+    c.teacher = ml_collections.ConfigDict({"checkpoint": "", "hf": ""})
+    cfg = parse_config(c)
+    m = TokenFlow(api.model_config(cfg), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(m)
+    model = api.TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tok, "test")
+    t_cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=32, num_layers=1, num_heads=2, ffn_hidden=64, max_len=32,
+                        bos_id=tok.bos_id, init_std=0.2)
+    t_graphdef, t_state = nnx.split(Llama(t_cfg, rngs=nnx.Rngs(5)))
+    bundle = TeacherBundle(graphdef=t_graphdef, params=nnx.to_pure_dict(t_state), config=t_cfg, kind="llama",
+                           bos_id=tok.bos_id, vocab_size=tok.vocab_size, max_len=32, source="test teacher")
+    return model, bundle
+
+
+@pytest.mark.parametrize("conditioning", ["x0", "cross_attention"])
+def test_gumbel_score_uses_the_teachers_posterior_noise(conditioning, monkeypatch):
+    from discreteflow_jax import gumbel as gmb
+
+    model, teacher = _gumbel_flow_and_teacher(conditioning)
+    text = ["to be, or not to be: that is the question"]
+    # No teacher to be had: refused up front, saying what to pass (nothing compiled).
+    monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled before refusing"))
+    with pytest.raises(ValueError, match="pass teacher="):
+        model.score(text)
+    with pytest.raises(ValueError, match="only applies to Gumbel models"):
+        tiny_flow(CharTokenizer()).score(text, teacher=teacher)
+    monkeypatch.undo()
+
+    got = model.score(text, teacher=teacher, seed=3)
+    # The same windows, times and keys through the Gumbel validation loss (posterior noise).
+    windows, masks = api._windows(model.tokenizer, text, model.seq_len)
+    nb = model.config.flow.num_buckets
+    tokens, mask = np.repeat(windows, nb, axis=0), np.repeat(masks, nb, axis=0)
+    bucket = jnp.tile(jnp.arange(nb, dtype=jnp.float32), windows.shape[0])
+    key = jax.random.key(3)
+    t = (bucket + jax.random.uniform(jax.random.fold_in(key, 1), bucket.shape)) / nb
+    sums = gmb.gumbel_flow_loss(model.model(), teacher.model(), jnp.asarray(tokens), jnp.asarray(mask), key,
+                                gmb.parse_gumbel_config(model.config.extra["gumbel"]), bos_id=teacher.bos_id,
+                                source="data_posterior", num_buckets=nb, t_B=t)[1]
+    want = float(sums["loss_sum"] / sums["tokens"])
+    assert got["loss"] == pytest.approx(want, rel=1e-4)
+    if conditioning == "cross_attention":
+        return  # there is no Gaussian-only loss to compare with: the model needs the context
+    # ...which is not the Gaussian-source loss the model never trained on.
+    gauss = flow.flow_loss(model.model(), jnp.asarray(tokens), jnp.asarray(mask), key, num_buckets=nb, t_B=t)[1]
+    assert abs(float(gauss["loss_sum"] / gauss["tokens"]) - want) > 1e-3

@@ -28,21 +28,45 @@ def params_of(result) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(result["state"].params)]
 
 
-def test_train_resume_and_sample(tmp_path, data_dir):
+def test_train_resume_and_sample(tmp_path, data_dir, monkeypatch):
+    import discreteflow_jax as dfj
+    from discreteflow_jax.data import tokenizers
+    from discreteflow_jax.evaluate import validation_loss
+    from discreteflow_jax.export import export_workdir
+
     workdir = str(tmp_path / "run")
     first = experiment.run(smoke(**{"train.num_steps": 3}), workdir, data_dir=data_dir)
     assert int(first["state"].step) == 3
-    assert np.isfinite(first["metrics"]["train/loss"])
     # Same command, longer schedule: resumes from step 3 instead of starting over.
     second = experiment.run(smoke(**{"train.num_steps": 6}), workdir, data_dir=data_dir)
     assert int(second["state"].step) == 6
-    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
-    assert steps[-1] == 6
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
-    assert any("val/loss" in x for x in lines)
-    assert any(k.startswith("val/loss_t0.0") for x in lines for k in x)
-    samples = open(os.path.join(workdir, "samples", "step_0000006.txt")).read()
-    assert "K=4" in samples and len(samples) > 50
+    train_steps = [x["step"] for x in lines if "train/loss" in x]
+    assert train_steps == [2, 3, 4, 6]  # every log_every=2 step and the checkpoint at 3, none twice
+    losses = [x["train/loss"] for x in lines if "train/loss" in x]
+    assert all(0 < loss < 50 for loss in losses)
+    evals = {x["step"]: x for x in lines if "val/loss" in x}
+    assert sorted(evals) == [3, 6]
+    buckets = [k for k in evals[6] if k.startswith("val/loss_t")]
+    # 8 validation windows, one stratified t each: 8 of the 10 t-buckets at most, most of them hit.
+    assert 5 <= len(buckets) <= 8 and all(np.isfinite(evals[6][k]) for k in buckets)
+
+    # The workdir carries its tokenizer: it loads with no data folder and no Hub.
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(tokenizers, "_hf_download", offline)
+    monkeypatch.delenv("DISCRETEFLOW_DATA_DIR", raising=False)
+    model = dfj.load(workdir)
+    assert model.step == 6
+    for a, b in zip(params_of(second), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    # The logged validation loss is the one the saved model has on the same windows.
+    _, _, dataset = experiment.prepare(smoke(**{"train.num_steps": 6}), data_dir)
+    assert validation_loss(model, dataset)["loss"] == pytest.approx(evals[6]["val/loss"], rel=1e-5)
+    out = export_workdir(workdir, str(tmp_path / "export"))
+    assert os.path.isfile(os.path.join(out, "llama_tokenizer", "tokenizer.model"))
+    assert dfj.load(out).sample(1, 2, seed=0, prompt="ROMEO:")[0].startswith("ROMEO:")
 
 
 def test_interrupted_run_matches_uninterrupted(tmp_path, data_dir, monkeypatch):

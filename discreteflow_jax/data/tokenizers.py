@@ -232,15 +232,62 @@ class GPT2BPETokenizer(Tokenizer):
         return self._tok.decode(_as_id_list(ids), skip_special_tokens=False)
 
 
+# Each tokenizer's files: path inside a data folder -> (Hub repo, file name) of its online source.
+TOKENIZER_FILES: dict[str, dict[str, tuple[str, str]]] = {
+    "llama": {"llama_tokenizer/tokenizer.model": (LLAMA_HUB_REPO, "tokenizer.model")},
+    "gpt2": {"gpt2_tokenizer/vocab.json": (GPT2_HUB_REPO, "vocab.json"),
+             "gpt2_tokenizer/merges.txt": (GPT2_HUB_REPO, "merges.txt")},
+}
+
+
+# A workdir keeps a copy of its tokenizer's files in this folder (data-folder layout), written when
+# training starts, so loading the workdir needs no data folder.
+WORKDIR_TOKENIZER = "tokenizer"
+
+
+def tokenizer_files(name: str, data_dir: str | None = None) -> dict[str, str]:
+    """{path inside a data folder: where that file is here} for the files ``load_tokenizer`` reads
+    (from the data folder, else the Hub cache); copying them under those paths makes a folder that
+    loads the same tokenizer offline."""
+    key = str(name).strip().lower()
+    if key not in TOKENIZER_FILES:
+        raise DataError(f"Unknown tokenizer {name!r}; valid names: {', '.join(TOKENIZER_NAMES)}")
+    folder = resolve_data_dir(data_dir)
+    return {rel: _resolve_file(folder, rel, repo, filename) for rel, (repo, filename) in TOKENIZER_FILES[key].items()}
+
+
+def has_tokenizer_files(name: str, folder: str) -> bool:
+    """True when ``folder`` holds every file of the tokenizer (a data folder, a workdir's copy, an export)."""
+    files = TOKENIZER_FILES.get(str(name).strip().lower(), {})
+    return bool(files) and all(os.path.isfile(os.path.join(folder, rel)) for rel in files)
+
+
+def copy_tokenizer_files(name: str, data_dir: str | None, out_dir: str) -> list[str]:
+    """Copies the tokenizer's files into ``out_dir`` (data-folder layout); returns the paths written."""
+    import shutil
+
+    written = []
+    for rel, src in tokenizer_files(name, data_dir).items():
+        dst = os.path.join(out_dir, rel)
+        if os.path.abspath(src) == os.path.abspath(dst):
+            written.append(rel)
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        # copyfile, not copy: a read-only source (a shared data folder) must not make the copy read-only.
+        tmp = dst + ".tmp"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        written.append(rel)
+    return written
+
+
 def load_tokenizer(name: str, data_dir: str | None = None) -> Tokenizer:
     """Loads ``"llama"`` or ``"gpt2"`` from the data folder (see ``resolve_data_dir``), else from the Hub."""
     key = str(name).strip().lower()
-    folder = resolve_data_dir(data_dir)
     if key == "llama":
-        model = _resolve_file(folder, "llama_tokenizer/tokenizer.model", LLAMA_HUB_REPO, "tokenizer.model")
+        (model,) = tokenizer_files(key, data_dir).values()
         return SentencePieceTokenizer(model, name="llama")
     if key == "gpt2":
-        vocab = _resolve_file(folder, "gpt2_tokenizer/vocab.json", GPT2_HUB_REPO, "vocab.json")
-        merges = _resolve_file(folder, "gpt2_tokenizer/merges.txt", GPT2_HUB_REPO, "merges.txt")
-        return GPT2BPETokenizer(vocab, merges, name="gpt2")
+        files = tokenizer_files(key, data_dir)
+        return GPT2BPETokenizer(files["gpt2_tokenizer/vocab.json"], files["gpt2_tokenizer/merges.txt"], name="gpt2")
     raise DataError(f"Unknown tokenizer {name!r}; valid names: {', '.join(TOKENIZER_NAMES)}")
