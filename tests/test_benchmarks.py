@@ -112,8 +112,9 @@ def test_vs_original_summary_ratios():
 def test_vs_original_loads_the_original_with_its_fix_and_stand_ins(tmp_path, monkeypatch):
     (tmp_path / "model.py").write_text(FAKE_ORIGINAL)
     (tmp_path / "model_utils.py").write_text("")
+    # The stand-ins go into sys.modules; these entries are put back as they were after the test.
     for name in ("model", "transformers", "transformers.modeling_outputs"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setattr(vs_original, "needs_transformers_shim", lambda: True)
     monkeypatch.setattr(sys, "path", list(sys.path))
     module, shim, fixes = vs_original.import_original(str(tmp_path))
