@@ -161,15 +161,19 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], config: TeacherConfig) 
     wanted = {r.hf for r in rules}
     missing = sorted(wanted - set(keys))
     unexpected = sorted(k for k in keys if k not in wanted and not any(re.fullmatch(p, k) for p in ignored))
-    mismatched = []
+    mismatched, wrong_dtype = [], []
     for rule in rules:
         if rule.hf not in keys:
             continue
         expected = _expected_hf_shape(rule, variables)
         got = _shape_of(state_dict, keys[rule.hf])
+        where = _where(state_dict, keys[rule.hf])
         if got != expected:
             ours = ", ".join(f"{p} {tuple(variables[p].value.shape)}" for p in rule.ours)
-            mismatched.append(f"{rule.hf}: checkpoint shape {got}, expected {expected} (for {ours})")
+            mismatched.append(f"{rule.hf}{where}: checkpoint shape {got}, expected {expected} (for {ours})")
+        dtype = _dtype_of(state_dict, keys[rule.hf])
+        if dtype not in FLOAT_DTYPES:
+            wrong_dtype.append(f"{rule.hf}{where}: dtype {dtype}, expected a floating-point tensor")
     problems = []
     if missing:
         problems.append(f"missing keys: {missing}")
@@ -177,6 +181,8 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], config: TeacherConfig) 
         problems.append(f"unexpected keys: {unexpected}")
     if mismatched:
         problems.append("shape mismatches:\n  " + "\n  ".join(mismatched))
+    if wrong_dtype:
+        problems.append("wrong dtypes:\n  " + "\n  ".join(wrong_dtype))
     if problems:
         raise ConversionError(f"checkpoint does not fit {type(config).__name__}:\n" + "\n".join(problems))
 
@@ -211,6 +217,22 @@ def _expected_hf_shape(rule: Rule, variables: Mapping[str, nnx.Variable]) -> tup
     # single source of truth for shapes too.
     fakes = [np.broadcast_to(np.zeros((), np.float32), variables[p].value.shape) for p in rule.ours]
     return tuple(rule.to_hf(*fakes).shape)
+
+
+def _where(state_dict: Mapping[str, Any], key: str) -> str:
+    return f" in {state_dict.file_of(key)}" if isinstance(state_dict, SafetensorsCheckpoint) else ""
+
+
+_NUMPY_DTYPE_CODES = {"float16": "F16", "float32": "F32", "float64": "F64", "bfloat16": "BF16"}
+
+
+def _dtype_of(state_dict: Mapping[str, Any], key: str) -> str:
+    """The safetensors dtype code of a tensor (F32, BF16, I64...), read without loading it."""
+    if isinstance(state_dict, SafetensorsCheckpoint):
+        return state_dict.dtype(key)
+    value = state_dict[key]
+    name = str(getattr(value, "dtype", np.asarray(value).dtype)).removeprefix("torch.")
+    return _NUMPY_DTYPE_CODES.get(name, name)
 
 
 def _shape_of(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
@@ -322,21 +344,51 @@ def llama_config_to_hf(config: LlamaConfig) -> dict[str, Any]:
 # Files
 
 
-class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
-    """Lazy read-only view of one or more ``.safetensors`` files: tensors are read on access."""
+# safetensors dtype codes of floating-point tensors (all are read as fp32 parameters).
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
-    def __init__(self, files: list[str]):
+
+class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
+    """Lazy read-only view of one or more ``.safetensors`` files: tensors are read on access.
+
+    A file that is missing, truncated or not safetensors, and a tensor that does not read, raise
+    ConversionError naming the file (and the tensor). ``index`` (the ``weight_map`` of a sharded
+    checkpoint) is checked against the shards: every tensor it names must be in its shard."""
+
+    def __init__(self, files: list[str], index: Mapping[str, str] | None = None):
         self._file_of: dict[str, str] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}
         for path in files:
-            with safe_open(path, framework="np") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                    self._file_of[key] = path
-                    self._shapes[key] = tuple(f.get_slice(key).get_shape())
+            try:
+                with safe_open(path, framework="np") as f:
+                    for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                        sl = f.get_slice(key)
+                        self._file_of[key] = path
+                        self._shapes[key] = tuple(sl.get_shape())
+                        self._dtypes[key] = str(sl.get_dtype())
+            except Exception as e:  # FileNotFoundError, SafetensorError (truncated or corrupt header)
+                raise ConversionError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+        if index is not None:
+            directory = os.path.dirname(files[0]) if files else ""
+            absent = sorted(k for k, shard in index.items() if self._file_of.get(k) != os.path.join(directory, shard))
+            if absent:
+                raise ConversionError(
+                    f"{os.path.join(directory, INDEX_FILE)} puts {len(absent)} tensors in shards that do not hold "
+                    f"them: " + ", ".join(f"{k} (in {index[k]})" for k in absent[:10])
+                    + (" ..." if len(absent) > 10 else "") + "; the shards are incomplete or from another checkpoint"
+                )
 
     def __getitem__(self, key: str) -> np.ndarray:
-        with safe_open(self._file_of[key], framework="np") as f:
-            return f.get_tensor(key)
+        path = self._file_of[key]
+        try:
+            if self._dtypes[key] == "BF16":  # numpy has no bfloat16: read through jax, keep fp32
+                with safe_open(path, framework="flax") as f:
+                    return np.asarray(f.get_tensor(key), np.float32)
+            with safe_open(path, framework="np") as f:
+                return f.get_tensor(key)
+        except Exception as e:
+            raise ConversionError(f"cannot read tensor {key} from {path}: {type(e).__name__}: {e}") from e
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._file_of)
@@ -347,17 +399,43 @@ class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
 
+    def dtype(self, key: str) -> str:
+        return self._dtypes[key]
 
-def _safetensors_files(directory: str) -> list[str]:
-    index = os.path.join(directory, "model.safetensors.index.json")
+    def file_of(self, key: str) -> str:
+        return self._file_of[key]
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _safetensors_files(directory: str) -> tuple[list[str], dict[str, str] | None]:
+    """The weight files of a checkpoint directory and, when sharded, its index's weight_map.
+    A shard the index names but the directory lacks is reported with the tensors it holds."""
+    index = os.path.join(directory, INDEX_FILE)
     if os.path.exists(index):  # sharded checkpoint
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(directory, s) for s in shards]
+        try:
+            with open(index) as f:
+                weight_map = dict(json.load(f)["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConversionError(f"cannot read the shard index {index}: {type(e).__name__}: {e}") from e
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+        if missing:
+            lines = []
+            for shard in missing:
+                held = sorted(k for k, v in weight_map.items() if v == shard)
+                lines.append(f"{os.path.join(directory, shard)} (holds {len(held)} tensors: "
+                             + ", ".join(held[:5]) + (", ..." if len(held) > 5 else "") + ")")
+            raise ConversionError(
+                f"{index} names {len(shards)} shards but {len(missing)} of them are missing:\n  "
+                + "\n  ".join(lines) + "\nDownload or copy the checkpoint again."
+            )
+        return [os.path.join(directory, s) for s in shards], weight_map
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
         raise ConversionError(f"no .safetensors files in {directory}")
-    return files
+    return files, None
 
 
 def _resolve(path_or_hub_id: str) -> str:
@@ -377,7 +455,8 @@ def load_hf_checkpoint(path_or_hub_id: str, *, dtype: str = "float32") -> tuple[
     directory = _resolve(path_or_hub_id)
     with open(os.path.join(directory, "config.json")) as f:
         config = config_from_hf(json.load(f), dtype=dtype)
-    return model_from_hf(SafetensorsCheckpoint(_safetensors_files(directory)), config), config
+    files, index = _safetensors_files(directory)
+    return model_from_hf(SafetensorsCheckpoint(files, index), config), config
 
 
 _LLAMA_TOKENIZER_CONFIG = {

@@ -16,6 +16,7 @@ import ml_collections
 from discreteflow_jax import checkpoint as ckpt
 from discreteflow_jax import sharding as shd
 from discreteflow_jax.config import ConfigError, ExperimentConfig, parse_config
+from discreteflow_jax.convert import ConversionError
 from discreteflow_jax.data import DataError, load_tokenizer, make_dataset
 from discreteflow_jax.data.tokenizers import WORKDIR_TOKENIZER, copy_tokenizer_files
 
@@ -23,6 +24,7 @@ log = logging.getLogger("discreteflow_jax")
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, DataError, shd.ShardingError, ckpt.CheckpointMismatchError, ckpt.CheckpointError,
+    ConversionError,
 )
 
 

@@ -89,6 +89,8 @@ def unflatten_params(flat: dict[str, np.ndarray], abstract_params: Any, source: 
     unexpected = sorted(set(flat) - set(expected))
     wrong = [f"{n}: file has {tuple(flat[n].shape)}, model needs {expected[n]}"
              for n in sorted(set(expected) & set(flat)) if tuple(flat[n].shape) != expected[n]]
+    wrong_dtype = [f"{n}: file has dtype {flat[n].dtype}, model needs floating point"
+                   for n in sorted(set(expected) & set(flat)) if not np.issubdtype(flat[n].dtype, np.floating)]
     problems = []
     if missing:
         problems.append(f"missing parameters: {missing}")
@@ -96,6 +98,8 @@ def unflatten_params(flat: dict[str, np.ndarray], abstract_params: Any, source: 
         problems.append(f"unexpected parameters: {unexpected}")
     if wrong:
         problems.append("shape mismatches:\n  " + "\n  ".join(wrong))
+    if wrong_dtype:
+        problems.append("wrong dtypes:\n  " + "\n  ".join(wrong_dtype))
     if problems:
         raise ExportFormatError(f"{source} does not fit the model its config.json describes:\n" + "\n".join(problems))
 
@@ -251,8 +255,12 @@ def load_export(path: str, data_dir: str | None = None) -> Any:
         module, _ = load_hf_checkpoint(path, dtype=cfg.model.dtype)
         return TeacherModel(cfg, module, tokenizer, path, meta.get("step"))
     graphdef, abstract_params = abstract_tokenflow(cfg)
-    params = unflatten_params(load_file(os.path.join(path, WEIGHTS_FILE)), abstract_params,
-                              os.path.join(path, WEIGHTS_FILE))
+    weights = os.path.join(path, WEIGHTS_FILE)
+    try:
+        flat = load_file(weights)
+    except Exception as e:  # truncated or overwritten file: safetensors' own error, with the file named
+        raise ExportFormatError(f"cannot read {weights}: {type(e).__name__}: {e}; export the workdir again") from e
+    params = unflatten_params(flat, abstract_params, weights)
     return TokenFlowModel(cfg, graphdef, params, tokenizer, path, meta.get("step"))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import glob
+import json
 import logging
 import os
 import re
@@ -284,3 +285,120 @@ def test_teacher_with_another_tokenizer_is_refused():
                                           r"\(vocabulary 64\) but the student reads llama tokens"):
         gumbel_task(parse_config(c), teacher=teacher)
     gumbel_task(parse_config(c), teacher=dataclasses.replace(teacher, tokenizer="llama"))  # the same: accepted
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged exports and Hugging Face directories: the error names the file and the tensor
+
+
+def tiny_llama_hf(out: str, shards: int = 1) -> dict[str, np.ndarray]:
+    """A tiny LLaMA written as a Hugging Face directory, sharded into ``shards`` files with an index
+    as transformers writes it; returns the tensors."""
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from discreteflow_jax import convert
+    from discreteflow_jax.models.llama import Llama, LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, dim=16, num_layers=2, num_heads=2, ffn_hidden=32, max_len=32, bos_id=1)
+    convert.export_llama_to_hf(Llama(config, rngs=nnx.Rngs(0)), config, out)
+    tensors = dict(convert.SafetensorsCheckpoint([os.path.join(out, "model.safetensors")]))
+    if shards > 1:
+        os.remove(os.path.join(out, "model.safetensors"))
+        names = sorted(tensors)
+        weight_map = {}
+        for i in range(shards):
+            shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: tensors[n] for n in names[i::shards]}
+            save_file(part, os.path.join(out, shard), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, shard))
+        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return tensors
+
+
+def test_hf_directory_with_a_missing_shard_names_it_and_its_tensors(tmp_path):
+    from discreteflow_jax import convert
+
+    out = str(tmp_path / "hf")
+    tensors = tiny_llama_hf(out, shards=3)
+    convert.load_hf_checkpoint(out)  # intact: loads
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"]
+    lost = "model-00002-of-00003.safetensors"
+    os.remove(os.path.join(out, lost))
+    with pytest.raises(convert.ConversionError) as info:
+        convert.load_hf_checkpoint(out)
+    message = str(info.value)
+    held = sorted(k for k, v in index.items() if v == lost)
+    assert "names 3 shards but 1 of them are missing" in message
+    assert f"{os.path.join(out, lost)} (holds {len(held)} tensors: {held[0]}" in message
+    assert len(held) < len(tensors)
+    # The same directory as a Gumbel teacher: a message from the run, not a traceback.
+    from discreteflow_jax.teacher import load_teacher
+
+    with pytest.raises(experiment.USER_ERRORS, match="missing"):
+        load_teacher({"hf": out})
+
+
+def test_hf_tensor_of_wrong_dtype_or_shape_names_file_and_tensor(tmp_path):
+    from safetensors.numpy import save_file
+
+    from discreteflow_jax import convert
+
+    out = str(tmp_path / "hf")
+    tensors = tiny_llama_hf(out)
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"].astype(np.int32)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:8]
+    weights = os.path.join(out, "model.safetensors")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(convert.ConversionError) as info:
+        convert.load_hf_checkpoint(out)
+    message = str(info.value)
+    assert f"model.layers.1.mlp.up_proj.weight in {weights}: dtype I32, expected a floating-point tensor" in message
+    assert f"model.norm.weight in {weights}: checkpoint shape (8,), expected (16,)" in message
+    # bfloat16 is a floating-point checkpoint like any other: read as fp32.
+    tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
+    tensors["model.norm.weight"] = np.ones(16, np.float32)
+    tensors["model.layers.1.mlp.up_proj.weight"] = np.ones((32, 16), np.float32)
+    import ml_dtypes
+
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+    save_file(bf16, weights, metadata={"format": "pt"})
+    model, _ = convert.load_hf_checkpoint(out)
+    np.testing.assert_array_equal(np.asarray(model.final_norm.scale.value), np.ones(16, np.float32))
+
+
+def test_hf_truncated_weights_file_is_named(tmp_path):
+    from discreteflow_jax import convert
+
+    out = str(tmp_path / "hf")
+    tiny_llama_hf(out)
+    weights = os.path.join(out, "model.safetensors")
+    os.truncate(weights, os.path.getsize(weights) - 100)
+    with pytest.raises(convert.ConversionError, match=re.escape(f"cannot read {weights}: SafetensorError")):
+        convert.load_hf_checkpoint(out)
+
+
+def test_damaged_export_names_file_and_tensor(trained, tmp_path, data_dir):
+    from safetensors.numpy import load_file, save_file
+
+    from discreteflow_jax import export
+
+    out = str(tmp_path / "export")
+    export.export_workdir(trained[0], out, data_dir)
+    weights = os.path.join(out, export.WEIGHTS_FILE)
+    tensors = load_file(weights)
+    tensors["blocks.0.attn.q_proj.kernel"] = tensors["blocks.0.attn.q_proj.kernel"].astype(np.int64)
+    tensors["final_norm.scale"] = tensors["final_norm.scale"][:-1]
+    del tensors["blocks.1.mlp.up_proj.kernel"]
+    save_file(tensors, weights)
+    with pytest.raises(export.ExportFormatError) as info:
+        api.load(out, data_dir)
+    message = str(info.value)
+    assert message.startswith(f"{weights} does not fit the model")
+    assert "blocks.0.attn.q_proj.kernel: file has dtype int64, model needs floating point" in message
+    assert "final_norm.scale: file has (31,), model needs (32,)" in message
+    assert "missing parameters: ['blocks.1.mlp.up_proj.kernel']" in message
+    os.truncate(weights, os.path.getsize(weights) // 2)
+    with pytest.raises(export.ExportFormatError, match=re.escape(f"cannot read {weights}: SafetensorError")):
+        api.load(out, data_dir)
