@@ -315,7 +315,7 @@ def validation_loss(model: Any, dataset: Any) -> dict[str, float]:
     """The validation metrics training logs (same windows, same eval key): flow loss and its
     t-buckets for flow models, next-token loss and perplexity for teachers."""
     from discreteflow_jax.tasks import build_task
-    from discreteflow_jax.train import validation_batches
+    from discreteflow_jax.train import stream_key, validation_batches
 
     cfg = model.config
     task = build_task(cfg)
@@ -328,7 +328,7 @@ def validation_loss(model: Any, dataset: Any) -> dict[str, float]:
     def eval_step(params, aux, tokens, key):
         return task.eval_fn(nnx.merge(graphdef, params), aux, tokens, key)
 
-    eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 0x5EED)  # the key Trainer.evaluate uses
+    eval_key = stream_key(cfg.seed, "eval")  # the key Trainer.evaluate uses
     sums = None
     for i, batch in enumerate(validation_batches(dataset, cfg.train.batch_size, cfg.train.eval_batches)):
         out = eval_step(params, task.aux, jnp.asarray(batch, jnp.int32), jax.random.fold_in(eval_key, i))

@@ -45,7 +45,9 @@ class Task:
     """What differs between TokenFlow, teacher and Gumbel training.
 
     create_model(rngs) builds the trainable module. loss_fn(model, aux, tokens, key) returns
-    (loss, metric sums) and eval_fn(model, aux, tokens, key) the metric sums for validation.
+    (loss, metric sums) with loss the mean over the ``sums["tokens"]`` scored tokens (gradient
+    accumulation weights each micro-batch by that count), and eval_fn(model, aux, tokens, key)
+    the metric sums for validation.
     aux holds frozen inputs (a teacher's parameters), passed to the step but never updated.
     sample_fn(graphdef, params, aux, key, steps) returns decoded token arrays; summarize(sums)
     turns summed metrics into the numbers to log. identity: what the task resolved beyond the
@@ -97,7 +99,22 @@ def _split_micro(tokens_BT: jax.Array, accum: int) -> jax.Array:
     return tokens_BT.reshape(b // accum, accum, t).transpose(1, 0, 2)
 
 
+# Each use of randomness draws from its own stream of the seed: stream_key(seed, purpose). With one
+# shared stream, fold_in(key(seed), c) for any constant c is also the key of training step c, and
+# nnx.Rngs(seed) draws fold_in(key(seed), i), the keys of the first steps.
+STREAMS = {"train": 1, "init": 2, "eval": 3, "samples": 4}
+
+
+def stream_key(seed: int, purpose: str) -> jax.Array:
+    """The root key of one purpose (``STREAMS``); keys inside a stream are fold_in(root, i)."""
+    return jax.random.fold_in(jax.random.key(seed), STREAMS[purpose])
+
+
 def build_train_step(task: Task, graphdef: Any, tx: optax.GradientTransformation, accum: int) -> Callable:
+    """The jitted step. With ``accum`` > 1 the gradient is the token-weighted mean over the whole
+    batch, the same as one big batch: each micro-batch's mean-loss gradient is weighted by its
+    token count (they differ when masks or known positions vary), then divided by the total."""
+
     def step_fn(state: TrainState, aux: Any, tokens_BT: jax.Array, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
         micro = _split_micro(tokens_BT, accum) if accum > 1 else None
@@ -110,7 +127,9 @@ def build_train_step(task: Task, graphdef: Any, tx: optax.GradientTransformation
             tokens, i = xs
             grad_fn = jax.value_and_grad(loss_of, has_aux=True)
             (_, sums), grads = grad_fn(state.params, tokens, jax.random.fold_in(key, i))
-            return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
+            weight = sums["tokens"].astype(jnp.float32)
+            grads_acc = jax.tree.map(lambda acc, g: acc + weight * g, grads_acc, grads)
+            return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
 
         if accum == 1:  # no accumulation buffers at all
             (_, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params, tokens_BT, key)
@@ -121,7 +140,8 @@ def build_train_step(task: Task, graphdef: Any, tx: optax.GradientTransformation
                 jax.eval_shape(lambda: loss_of(state.params, micro[0], key)[1]),
             )
             (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (micro, jnp.arange(accum)))
-            grads = jax.tree.map(lambda g: g / accum, grads)
+            total = jnp.maximum(sums["tokens"].astype(jnp.float32), 1.0)
+            grads = jax.tree.map(lambda g: g / total, grads)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -149,6 +169,18 @@ def validation_batches(dataset: Any, local_batch: int, eval_batches: int) -> lis
     return dataset.val_batches(local_batch, eval_batches or None)
 
 
+def window_metrics(task: Task, fetched: list[dict]) -> dict:
+    """The training metrics of a logging window: every step's metric sums added up, then
+    summarized (token-weighted, like validation), and the mean gradient norm; not the last step's."""
+    totals = {
+        k: np.sum([np.asarray(m[k], np.float64) for m in fetched], axis=0)
+        for k in fetched[-1] if k not in ("grad_norm", "finite")
+    }
+    out = task.summarize(totals, "train")
+    out["train/grad_norm"] = float(np.mean([float(m["grad_norm"]) for m in fetched]))
+    return out
+
+
 class Trainer:
     """Owns the mesh, the jitted programs, the checkpoint manager and the loop."""
 
@@ -168,7 +200,8 @@ class Trainer:
         self.local_batch = cfg.train.batch_size // self.process_count
         self.tx = make_optimizer(cfg.train)
 
-        abstract_model = nnx.eval_shape(lambda: task.create_model(nnx.Rngs(cfg.seed)))
+        self.init_key = stream_key(cfg.seed, "init")
+        abstract_model = nnx.eval_shape(lambda: task.create_model(nnx.Rngs(self.init_key)))
         self.graphdef, abstract_params = nnx.split(abstract_model)
         abstract_params = nnx.to_pure_dict(abstract_params)
         abstract_state = jax.eval_shape(
@@ -196,7 +229,7 @@ class Trainer:
             shd.with_activation_mesh(build_eval_step(task, self.graphdef), self.mesh),
             in_shardings=(self.state_shardings.params, aux_sh, batch_sh, rep), out_shardings=rep,
         )
-        self.base_key = jax.random.key(cfg.seed)
+        self.base_key = stream_key(cfg.seed, "train")  # step s trains with fold_in(base_key, s)
         self.writer = MetricWriter(workdir, enabled=self.process_index == 0)
         self.ckpt = ckpt.manager(workdir, cfg.train.keep_checkpoints, clean_partial=True)
         self._unconfirmed_save: int | None = None  # step of the last asynchronous save not yet finished
@@ -204,7 +237,7 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------
     def init_state(self) -> TrainState:
         def init():
-            model = self.task.create_model(nnx.Rngs(self.cfg.seed))
+            model = self.task.create_model(nnx.Rngs(self.init_key))
             params = nnx.to_pure_dict(nnx.state(model))
             return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
@@ -311,7 +344,7 @@ class Trainer:
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, params: Any) -> dict:
         batches = validation_batches(self.dataset, self.local_batch, self.cfg.train.eval_batches)
-        eval_key = jax.random.fold_in(jax.random.key(self.cfg.seed), 0x5EED)
+        eval_key = stream_key(self.cfg.seed, "eval")
         sums = None
         for i, local in enumerate(batches):
             tokens = shd.global_batch_from_local(np.asarray(local, np.int32), self.mesh)
@@ -323,7 +356,7 @@ class Trainer:
         if self.task.sample_fn is None:
             return {}
         texts: dict[int, list[str]] = {}
-        key = jax.random.fold_in(jax.random.key(self.cfg.seed), 0xC0DE)
+        key = stream_key(self.cfg.seed, "samples")
         for k in self.cfg.sample.eval_steps:
             tokens = dist.to_host(self.task.sample_fn(self.graphdef, params, self.task.aux, key, k))
             texts[k] = [self.tokenizer.decode_until_eos(row.tolist()) for row in tokens]
@@ -422,9 +455,7 @@ class Trainer:
                     f"--config.train.grad_clip=1.0 or --config.model.dtype=float32."
                 )
         pending.clear()
-        out = self.task.summarize(fetched[-1], "train")
-        out["train/grad_norm"] = float(fetched[-1]["grad_norm"])
-        return out
+        return window_metrics(self.task, fetched)
 
     def _eval_and_sample(self, state: TrainState, step: int) -> None:
         val = self.evaluate(state.params)

@@ -64,6 +64,16 @@ def test_train_resume_and_sample(tmp_path, data_dir, monkeypatch):
     # The logged validation loss is the one the saved model has on the same windows.
     _, _, dataset = experiment.prepare(smoke(**{"train.num_steps": 6}), data_dir)
     assert validation_loss(model, dataset)["loss"] == pytest.approx(evals[6]["val/loss"], rel=1e-5)
+    # The samples written at step 6 are the saved model's samples from the sampling stream.
+    from discreteflow_jax.train import stream_key
+
+    written = open(os.path.join(workdir, "samples", "step_0000006.txt")).read()
+    task = build_task(model.config)
+    for k in (1, 4):
+        rows = task.sample_fn(model.graphdef, model.params, None, stream_key(model.config.seed, "samples"), k)
+        assert len(rows) == 2
+        for j, row in enumerate(np.asarray(rows)):
+            assert f"=== step 6 K={k} sample {j} ===\n{model.tokenizer.decode_until_eos(row.tolist())}\n" in written
     out = export_workdir(workdir, str(tmp_path / "export"))
     assert os.path.isfile(os.path.join(out, "llama_tokenizer", "tokenizer.model"))
     assert dfj.load(out).sample(1, 2, seed=0, prompt="ROMEO:")[0].startswith("ROMEO:")
@@ -175,3 +185,103 @@ def test_default_evaluation_reads_each_validation_window_once(data_dir, caplog):
     offsets = np.sort(dataset.val_offsets(cfg.train.batch_size, None).ravel())
     assert np.all(np.diff(offsets) >= cfg.data.seq_len)
     assert "overlap" not in caplog.text
+
+
+def test_logged_train_metrics_average_the_logging_window():
+    from discreteflow_jax.tasks import summarize_flow
+    from discreteflow_jax.train import Task, window_metrics
+
+    task = Task("t", None, None, None, lambda sums, prefix: summarize_flow(sums, prefix, 2))
+    steps = [  # two steps with different token counts: the window loss is token-weighted
+        {"loss_sum": 10.0, "tokens": 10.0, "bucket_loss_sum": np.array([4.0, 6.0]),
+         "bucket_tokens": np.array([5.0, 5.0]), "grad_norm": 1.0, "finite": True},
+        {"loss_sum": 30.0, "tokens": 5.0, "bucket_loss_sum": np.array([0.0, 30.0]),
+         "bucket_tokens": np.array([0.0, 5.0]), "grad_norm": 3.0, "finite": True},
+    ]
+    out = window_metrics(task, steps)
+    assert out["train/loss"] == pytest.approx(40.0 / 15.0)
+    assert out["train/loss_t0.0-0.5"] == pytest.approx(4.0 / 5.0)
+    assert out["train/loss_t0.5-1.0"] == pytest.approx(36.0 / 10.0)
+    assert out["train/grad_norm"] == pytest.approx(2.0)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    """Micro-batches with different numbers of scored tokens: accumulating must give the gradient
+    of the token-weighted mean over the whole batch, i.e. the one-big-batch step."""
+    from flax import nnx
+
+    from discreteflow_jax.config import TrainConfig
+    from discreteflow_jax.flow import cross_entropy
+    from discreteflow_jax.train import Task, TrainState, build_train_step, make_optimizer
+
+    vocab = 11
+
+    def loss_fn(model, aux, tokens, key):
+        mask = (tokens % 3 != 0).astype(jnp.float32)  # a different count of scored tokens per row
+        ce = cross_entropy(model(tokens), (tokens + 1) % vocab)
+        sums = {"loss_sum": jnp.sum(ce * mask), "tokens": jnp.sum(mask)}
+        return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), sums
+
+    task = Task("toy", None, loss_fn, None, None)
+    graphdef, state = nnx.split(nnx.Embed(vocab, vocab, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+    tx = make_optimizer(TrainConfig(lr=0.1, warmup_steps=0, num_steps=10, weight_decay=0.0, grad_clip=0.0))
+    rows = np.random.default_rng(0).integers(0, vocab, (8, 12))
+    rows[::2, :8] = 3  # rows 0, 2, 4, 6 (all in micro-batch 0 of 2) score few tokens
+    tokens = jnp.asarray(rows, jnp.int32)
+    results = {}
+    for accum in (1, 2, 4):
+        step = jax.jit(build_train_step(task, graphdef, tx, accum))
+        state0 = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+        new, metrics = step(state0, None, tokens, jax.random.key(0))
+        results[accum] = (new.params, float(metrics["grad_norm"]), float(metrics["loss_sum"]))
+    for accum in (2, 4):
+        assert results[accum][1] == pytest.approx(results[1][1], rel=1e-5)
+        assert results[accum][2] == pytest.approx(results[1][2], rel=1e-5)
+        for a, b in zip(jax.tree.leaves(results[accum][0]), jax.tree.leaves(results[1][0])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_prng_streams_do_not_collide(tmp_path, data_dir, monkeypatch):
+    """Evaluation, sampling and init keys are none of the training steps' keys (30k-step runs)."""
+    from flax import nnx
+
+    seeds = []
+    real_rngs = nnx.Rngs
+
+    def recording_rngs(seed, *args, **kwargs):
+        seeds.append(seed)
+        return real_rngs(seed, *args, **kwargs)
+
+    cfg, tokenizer, dataset = experiment.prepare(smoke(), data_dir)
+    task = build_task(cfg)
+    monkeypatch.setattr(nnx, "Rngs", recording_rngs)
+    trainer = Trainer(cfg, task, str(tmp_path / "run"), dataset, tokenizer)
+    monkeypatch.setattr(nnx, "Rngs", real_rngs)
+    used: dict[str, set] = {"eval": set(), "samples": set(), "init": set()}
+
+    def as_tuple(key):
+        return tuple(np.asarray(jax.random.key_data(key)).tolist())
+
+    def fake_eval(params, aux, tokens, key):
+        used["eval"].add(as_tuple(key))
+        return {"loss_sum": np.float32(0.0), "tokens": np.float32(1.0)}
+
+    def fake_sample(graphdef, params, aux, key, steps):
+        used["samples"].add(as_tuple(key))
+        return np.zeros((1, 4), np.int32)
+
+    trainer.eval_step, trainer.task.sample_fn = fake_eval, fake_sample
+    trainer.evaluate(None)
+    trainer.samples(None, 0)
+    assert seeds and used["eval"] and used["samples"]
+    for seed in seeds:  # what the model init draws: fold_in(root, i) for its i-th key
+        root = jax.random.key(seed) if isinstance(seed, int) else seed
+        used["init"] |= {as_tuple(jax.random.fold_in(root, i)) for i in range(16)}
+    step_keys = jax.vmap(lambda s: jax.random.key_data(jax.random.fold_in(trainer.base_key, s)))(
+        jnp.arange(30001)
+    )
+    step_set = {tuple(k) for k in np.asarray(step_keys).tolist()}
+    for purpose, keys in used.items():
+        assert not step_set & keys, f"{purpose} keys are training step keys"
+    assert not used["eval"] & used["samples"] and not (used["eval"] | used["samples"]) & used["init"]
