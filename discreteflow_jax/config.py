@@ -16,6 +16,7 @@ from discreteflow_jax.flow import TIME_GRIDS, TIME_SAMPLERS
 from discreteflow_jax.models.tokenflow import DTYPES, REMAT_POLICIES, TokenFlowConfig
 
 TASKS = ("tokenflow", "teacher", "gumbel")
+DEFAULT_TIME_WARP_BINS = 32
 DATASETS = ("shakespeare", "fineweb")
 TOKENIZERS = ("llama", "gpt2")
 
@@ -75,6 +76,7 @@ class FlowConfig:
     condition_prob: float = 0.0  # fraction of training sequences with known (clean, unscored) positions
     condition_prefix_prob: float = 0.5  # of those: known prefix vs random known spans
     condition_span_len: int = 8  # block length of the random known spans
+    token_time_prob: float = 0.0  # share of training sequences with one flow time per position (0: the original)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,10 +182,10 @@ def validate_tokenflow_model(model: TokenFlowConfig, data: DataConfig, task: str
             f"config.model.cross_attention=True: the {task} task has no context to attend to (only the gumbel task "
             "with gumbel.conditioning='cross_attention' does, and it sets the layers itself); leave it False"
         )
-    if model.context_dim not in (0, model.dim):
+    if model.context_dim not in (0, model.flow_width):
         raise ConfigError(
             f"config.model.context_dim={model.context_dim!r}: the only cross-attention context (Gumbel "
-            f"softmax(G)·E) has the model's width {model.dim}; leave context_dim=0"
+            f"softmax(G)·E) has the model's embedding width {model.flow_width}; leave context_dim=0"
         )
     if model.dim % model.num_heads:
         raise ConfigError(f"config.model.dim={model.dim} must be divisible by config.model.num_heads={model.num_heads}")
@@ -198,6 +200,10 @@ def validate_tokenflow_model(model: TokenFlowConfig, data: DataConfig, task: str
         raise ConfigError(
             f"config.model.loss_chunk must be a whole number of tokens >= 0 (0 = full logits), got {model.loss_chunk!r}"
         )
+    if not isinstance(model.flow_dim, int) or model.flow_dim < 0:
+        raise ConfigError(f"config.model.flow_dim must be a whole number >= 0 (0 = dim), got {model.flow_dim!r}")
+    if model.time_warp_bins < 0:
+        raise ConfigError(f"config.model.time_warp_bins must be >= 0, got {model.time_warp_bins}")
     if model.singular_eps <= 0:
         raise ConfigError("config.model.singular_eps must be > 0 (it keeps the singular logits finite at t=1)")
 
@@ -235,7 +241,7 @@ def validate_flow(flow_cfg: FlowConfig) -> None:
     if flow_cfg.time_sampler == "logit_normal":
         _greater_than_zero(flow_cfg.time_param, "flow.time_param",
                            " for time_sampler='logit_normal' (the std of the logit; 0 puts every t at 0.5)")
-    for name in ("condition_prob", "condition_prefix_prob"):
+    for name in ("condition_prob", "condition_prefix_prob", "token_time_prob"):
         _in_range(getattr(flow_cfg, name), f"flow.{name}", 0.0, 1.0)
     _positive(flow_cfg.condition_span_len, "flow.condition_span_len")
 
@@ -302,7 +308,10 @@ def parse_config(cfg: ml_collections.ConfigDict) -> ExperimentConfig:
                 f"(config.model.max_len={model.max_len})"
             )
     else:
-        model = _build(TokenFlowConfig, model_section, "model", {"causal": causal})
+        overrides = {"causal": causal}
+        if flow_cfg.time_sampler == "learned" and not model_section.get("time_warp_bins"):
+            overrides["time_warp_bins"] = DEFAULT_TIME_WARP_BINS  # the learned sampler needs its parameters
+        model = _build(TokenFlowConfig, model_section, "model", overrides)
         validate_tokenflow_model(model, data, task)
         if task == "gumbel":  # the gumbel section decides the student's conditioning layers
             from discreteflow_jax import gumbel as gmb  # lazy: gumbel.py imports this module

@@ -14,41 +14,120 @@ import jax
 import jax.numpy as jnp
 
 from discreteflow_jax.models.linear_ce import cross_entropy  # noqa: F401  (re-exported: flow.cross_entropy)
-from discreteflow_jax.models.tokenflow import TokenFlow
+from discreteflow_jax.models.tokenflow import TIME_WARP_GAIN, TokenFlow, per_position
 
-TIME_SAMPLERS = ("uniform", "logit_normal", "power")
+TIME_SAMPLERS = ("uniform", "logit_normal", "power", "learned")
+# Share of the learned sampler's draws that stay uniform, so no region of t is ever starved.
+WARP_UNIFORM_SHARE = 0.1
 TIME_GRIDS = ("uniform", "cosine", "power")
 
 
-def sample_time(key: jax.Array, batch: int, sampler: str = "uniform", param: float = 1.0) -> jax.Array:
-    """One flow time per sequence, [B] in [0, 1).
+def sample_time(
+    key: jax.Array, batch: int | tuple[int, ...], sampler: str = "uniform", param: float = 1.0,
+    warp: jax.Array | None = None,
+) -> jax.Array:
+    """Flow times in [0, 1): one per sequence ([B]) or any shape (e.g. (B, T), one per position).
 
     uniform: U(0,1), the original's choice. logit_normal: sigmoid(param·N(0,1)), spends the batch
     near the middle. power: u**param; param > 1 puts more of the batch at small t, where the
     network has to do all the work (for larger t the singular term already identifies the token).
+    learned: CDCD's time warping, t drawn where the fitted loss falls fastest (``warp`` holds the
+    fit's parameters, see ``warp_inverse_cdf``), mixed with a uniform share.
     """
-    u = jax.random.uniform(key, (batch,), jnp.float32)
+    shape = (batch,) if isinstance(batch, int) else tuple(batch)
+    u = jax.random.uniform(key, shape, jnp.float32)
     if sampler == "uniform":
         return u
     if sampler == "power":
         return u**param
     if sampler == "logit_normal":
-        return jax.nn.sigmoid(param * jax.random.normal(key, (batch,), jnp.float32))
+        return jax.nn.sigmoid(param * jax.random.normal(key, shape, jnp.float32))
+    if sampler == "learned":
+        if warp is None:
+            raise ValueError('time sampler "learned" needs a model with time-warp parameters (model.time_warp_bins > 0)')
+        k_mix, k_u = jax.random.split(key)
+        warped = warp_inverse_cdf(jax.lax.stop_gradient(warp), jax.random.uniform(k_u, shape, jnp.float32))
+        return jnp.where(jax.random.uniform(k_mix, shape) < WARP_UNIFORM_SHARE, u, warped)
     raise ValueError(f"unknown time sampler {sampler!r}; valid: {', '.join(TIME_SAMPLERS)}")
 
 
+# -- learned time warping (CDCD) ------------------------------------------------------------
+# The loss as a function of t is fitted by a monotone decreasing, piecewise-linear curve
+# L̂(t) = scale·(1 − F(t)), F the CDF of K equal-width bins with masses softmax(w). Training times
+# are then drawn from F: where the loss falls fastest, i.e. where the network has most to learn.
+# warp = [w_1..w_K, log_scale] / TIME_WARP_GAIN. The gain lets Adam move the fit about 50 times
+# faster than the network's learning rate would (the loss curve changes quickly early in
+# training); the fit enters the objective scaled by WARP_FIT_WEIGHT so that its gradient takes
+# no noticeable share of the global-norm clipping budget (Adam itself ignores the scale).
+WARP_FIT_WEIGHT = 1e-4
+
+
+def warp_masses(warp: jax.Array) -> jax.Array:
+    return jax.nn.softmax(TIME_WARP_GAIN * warp[:-1])
+
+
+def warp_fitted_loss(warp: jax.Array, t: jax.Array) -> jax.Array:
+    """L̂(t) = scale·(1 − F(t)) for any shape of t."""
+    masses = warp_masses(warp)
+    k = masses.shape[0]
+    cdf = jnp.concatenate([jnp.zeros((1,), masses.dtype), jnp.cumsum(masses)])
+    pos = jnp.clip(t, 0.0, 1.0) * k
+    idx = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, k - 1)
+    f = cdf[idx] + (pos - idx) * masses[idx]
+    return jnp.exp(TIME_WARP_GAIN * warp[-1]) * (1.0 - f)
+
+
+def warp_inverse_cdf(warp: jax.Array, u: jax.Array) -> jax.Array:
+    """t with F(t) = u (F piecewise linear, so the inverse is exact)."""
+    masses = warp_masses(warp)
+    k = masses.shape[0]
+    cdf = jnp.cumsum(masses)
+    idx = jnp.clip(jnp.searchsorted(cdf, u, side="right"), 0, k - 1)
+    lower = jnp.where(idx > 0, cdf[jnp.maximum(idx - 1, 0)], 0.0)
+    frac = jnp.clip((u - lower) / jnp.maximum(masses[idx], 1e-12), 0.0, 1.0)
+    return jnp.clip((idx + frac) / k, 0.0, 1.0 - 1e-6)
+
+
+def warp_fit_loss(warp: jax.Array, t: jax.Array, token_loss: jax.Array, weights: jax.Array) -> jax.Array:
+    """Weighted mean squared error of L̂(t) against the observed per-token losses (no gradient to
+    the network: only the warp parameters are fitted)."""
+    err = warp_fitted_loss(warp, jnp.broadcast_to(t, token_loss.shape)) - jax.lax.stop_gradient(token_loss)
+    return WARP_FIT_WEIGHT * jnp.sum(weights * err * err) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def training_times(
+    key: jax.Array, shape: tuple[int, int], sampler: str, param: float, token_time_prob: float,
+    warp: jax.Array | None = None,
+) -> jax.Array:
+    """Training times: [B] (one per sequence, the original) when ``token_time_prob`` is 0, else
+    [B, T] where a share ``token_time_prob`` of the sequences draws one time per position (the
+    rest keep one time for all their positions). Mixed noise levels put cleaner and noisier
+    neighbours side by side, which is what teaches the network to read its context."""
+    b, t = shape
+    # The per-sequence draw uses the key itself: with token_time_prob = 0 the times are the original's.
+    per_seq = sample_time(key, b, sampler, param, warp)
+    k_tok, k_which = jax.random.split(jax.random.fold_in(key, 0x707))
+    if token_time_prob <= 0:
+        return per_seq
+    per_tok = sample_time(k_tok, (b, t), sampler, param, warp)
+    which = jax.random.uniform(k_which, (b, 1)) < token_time_prob
+    return jnp.where(which, per_tok, per_seq[:, None])
+
+
 def noisy_path(x1: jax.Array, x0: jax.Array, t_B: jax.Array) -> jax.Array:
-    t = t_B.astype(x1.dtype)[:, None, None]
+    """x_t = t·x1 + (1−t)·x0 with t [B] (per sequence) or [B, T] (per position)."""
+    t = per_position(t_B.astype(x1.dtype))
     return t * x1 + (1.0 - t) * x0
 
 
 def bucket_sums(
-    values_B: jax.Array, t_B: jax.Array, weights_B: jax.Array, num_buckets: int
+    values: jax.Array, t: jax.Array, weights: jax.Array, num_buckets: int
 ) -> tuple[jax.Array, jax.Array]:
-    """Weighted sums and weights of per-sequence values in equal t-buckets: ([K], [K])."""
-    idx = jnp.clip(jnp.floor(t_B * num_buckets).astype(jnp.int32), 0, num_buckets - 1)
+    """Weighted sums and weights of values in equal t-buckets: ([K], [K]). ``values``, ``t`` and
+    ``weights`` share a shape ([B] per sequence or [B, T] per token)."""
+    idx = jnp.clip(jnp.floor(t * num_buckets).astype(jnp.int32), 0, num_buckets - 1).reshape(-1)
     onehot = jax.nn.one_hot(idx, num_buckets, dtype=jnp.float32)
-    return onehot.T @ (values_B * weights_B), onehot.T @ weights_B
+    return onehot.T @ (values * weights).reshape(-1), onehot.T @ weights.reshape(-1)
 
 
 def flow_loss(
@@ -64,19 +143,25 @@ def flow_loss(
     context: jax.Array | None = None,
     t_B: jax.Array | None = None,
     known_BT: jax.Array | None = None,
+    token_time_prob: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean cross-entropy of the clean tokens given x_t, over unmasked positions.
 
     ``x0`` (the flow source) defaults to Gaussian noise with σ = model.cfg.sigma; the Gumbel
     reflow passes its own. ``known_BT`` (bool, optional) marks positions given as conditioning:
     they enter clean (x_t = e) and are left out of the loss, which teaches the model to fill in
-    around known spans (see ``random_known_mask``). Returns (loss, metrics) where metrics hold
-    token-weighted sums per t-bucket so that they can be averaged over many batches exactly.
+    around known spans (see ``random_known_mask``). ``token_time_prob`` > 0 draws one time per
+    position for that share of the sequences (``training_times``); ``t_B`` may be given as [B]
+    or [B, T]. A self-conditioning model gets, for a random half of the sequences, its own
+    estimate x̂₁ from a first pass without gradient. A model with time-warp parameters adds
+    their fit to the loss (``warp_fit_loss``; the network's gradients are unchanged). Returns
+    (loss, metrics) where metrics hold token-weighted sums per t-bucket so that they can be
+    averaged over many batches exactly.
     """
-    b = tokens_BT.shape[0]
     t_key, x0_key = jax.random.split(key)
+    warp = model.time_warp[...] if model.time_warp is not None else None
     if t_B is None:
-        t_B = sample_time(t_key, b, time_sampler, time_param)
+        t_B = training_times(t_key, tokens_BT.shape, time_sampler, time_param, token_time_prob, warp)
     x1 = model.embed(tokens_BT)
     if x0 is None:
         x0 = model.cfg.sigma * jax.random.normal(x0_key, x1.shape, jnp.float32)
@@ -86,18 +171,40 @@ def flow_loss(
         x_t = jnp.where(known_BT[..., None], x1, x_t)
         mask = mask * (1.0 - known_BT.astype(jnp.float32))
     num_tokens = jnp.maximum(mask.sum(), 1.0)
+    self_cond = None
+    if model.cfg.self_condition:
+        self_cond = training_self_condition(model, x_t, t_B, context, jax.random.fold_in(key, 0x5C))
     # The loss is Σ CE·mask / num_tokens; with model.loss_chunk the logits are never stored whole.
-    loss, token_loss = model.token_losses(x_t, t_B, tokens_BT, mask / num_tokens, context)
+    loss, token_loss = model.token_losses(x_t, t_B, tokens_BT, mask / num_tokens, context, self_cond)
+    if warp is not None:
+        loss = loss + warp_fit_loss(model.time_warp[...], per_position(t_B)[..., 0], token_loss, mask)
     return loss, flow_metrics(jax.lax.stop_gradient(token_loss), mask, t_B, num_buckets)
+
+
+def posterior_mean(model: TokenFlow, logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """x̂₁ = softmax(logits / temperature)·E, [B, T, flow_width]."""
+    probs = jax.nn.softmax(logits / temperature, axis=-1)
+    return jnp.einsum("btv,vd->btd", probs, model.embeddings())
+
+
+def training_self_condition(
+    model: TokenFlow, x_t: jax.Array, t: jax.Array, context: jax.Array | None, key: jax.Array
+) -> jax.Array:
+    """Self-conditioning input for training: x̂₁ from a first pass (no gradient) for a random half of
+    the sequences, zeros for the other half, so the model learns both to use an estimate and to
+    start without one."""
+    estimate = jax.lax.stop_gradient(posterior_mean(model, model(x_t, t, context)))
+    use = jax.random.uniform(key, (x_t.shape[0], 1, 1)) < 0.5
+    return jnp.where(use, estimate, jnp.zeros_like(estimate))
 
 
 def flow_metrics(
     token_loss_BT: jax.Array, mask_BT: jax.Array, t_B: jax.Array, num_buckets: int
 ) -> dict[str, jax.Array]:
-    """Token-weighted loss sums, overall and per t-bucket, of per-token losses (``flow_loss``'s metrics)."""
-    seq_tokens = mask_BT.sum(axis=1)
-    seq_loss = jnp.sum(token_loss_BT * mask_BT, axis=1) / jnp.maximum(seq_tokens, 1.0)
-    bucket_loss, bucket_weight = bucket_sums(seq_loss, t_B, seq_tokens, num_buckets)
+    """Token-weighted loss sums, overall and per t-bucket, of per-token losses (``flow_loss``'s
+    metrics). ``t_B`` is [B] or [B, T]; every token counts in the bucket of its own time."""
+    t_BT = jnp.broadcast_to(per_position(t_B)[..., 0], token_loss_BT.shape)
+    bucket_loss, bucket_weight = bucket_sums(token_loss_BT, t_BT, mask_BT, num_buckets)
     return {
         "loss_sum": jnp.sum(token_loss_BT * mask_BT),
         "tokens": mask_BT.sum(),
@@ -172,32 +279,33 @@ def sample_flow(
     and x is the state the last network call read. ``final_state=True`` computes the final
     state p·E of the last step as well and returns it as x.
     """
-    emb = model.embeddings()
     b, seq_len, _ = x0.shape
     steps = grid.shape[0] - 1
+    use_self_cond = model.cfg.self_condition
 
     def body(i, carry):
-        x, tokens = carry
+        x, tokens, x1_prev = carry
         t, t_next = grid[i], grid[i + 1]
         if clamp_fn is not None:
             x = clamp_fn(x, t)
-        logits = model(x, jnp.full((b,), t), context)
+        logits = model(x, jnp.full((b,), t), context, x1_prev if use_self_cond else None)
 
         def advance(_):
-            probs = jax.nn.softmax(logits / temperature, axis=-1)
-            x1_hat = jnp.einsum("btv,vd->btd", probs, emb)
-            return euler_update(x, x1_hat, t, t_next), tokens
+            x1_hat = posterior_mean(model, logits, temperature)
+            return euler_update(x, x1_hat, t, t_next), tokens, x1_hat
 
         def finish(_):
             out = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            return (advance(None)[0] if final_state else x), out
+            return (advance(None)[0] if final_state else x), out, x1_prev
 
         return jax.lax.cond(i == steps - 1, finish, advance, None)
 
-    x, tokens = jax.lax.fori_loop(0, steps, body, (x0.astype(jnp.float32), jnp.zeros((b, seq_len), jnp.int32)))
+    x0 = x0.astype(jnp.float32)
+    init = (x0, jnp.zeros((b, seq_len), jnp.int32), jnp.zeros_like(x0))
+    x, tokens, _ = jax.lax.fori_loop(0, steps, body, init)
     return tokens, x
 
 
 def gaussian_source(key: jax.Array, batch: int, seq_len: int, model: TokenFlow) -> jax.Array:
     cfg = model.cfg
-    return cfg.sigma * jax.random.normal(key, (batch, seq_len, cfg.dim), jnp.float32)
+    return cfg.sigma * jax.random.normal(key, (batch, seq_len, cfg.flow_width), jnp.float32)

@@ -102,10 +102,10 @@ def student_config(model: TokenFlowConfig, gumbel: GumbelConfig) -> TokenFlowCon
             "config.model.cross_attention=True but config.gumbel.conditioning='x0' does not use cross-attention; "
             "leave model.cross_attention=False (the gumbel section sets it) or use conditioning='cross_attention'"
         )
-    if model.context_dim not in (0, model.dim):
+    if model.context_dim not in (0, model.flow_width):
         raise ConfigError(
-            f"config.model.context_dim={model.context_dim}: the Gumbel context softmax(G)·E has the student's width "
-            f"{model.dim}; set context_dim=0"
+            f"config.model.context_dim={model.context_dim}: the Gumbel context softmax(G)·E has the student's "
+            f"embedding width {model.flow_width}; set context_dim=0"
         )
     return dataclasses.replace(model, cross_attention=wants, context_dim=0)
 

@@ -160,6 +160,7 @@ def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
         return gmb.gumbel_flow_loss(
             model, frozen_teacher(aux), tokens, mask, key, gcfg, bos_id=bos, time_sampler=fc.time_sampler,
             time_param=fc.time_param, num_buckets=fc.num_buckets, known_BT=known_positions(fc, tokens.shape, key),
+            token_time_prob=fc.token_time_prob,
         )
 
     def eval_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):

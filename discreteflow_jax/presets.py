@@ -48,9 +48,15 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     # 128: at d512/vocab 32000/batch 8×128 smaller chunks save no more memory (measured on the CPU);
     # larger ones mean fewer, bigger matmuls (accelerators) for chunk×vocab floats per buffer.
     c.model.loss_chunk = 128
+    # Context levers (docs/context_ablation.md). 0/False everywhere is the original architecture.
+    c.model.flow_dim = 0  # width of embeddings, noise and x_t; 0 = dim; smaller adds in/out maps (Plaid)
+    c.model.output_modulation = False  # time-dependent shift/scale of the final norm (DiT final layer)
+    c.model.self_condition = False  # feed back the previous estimate x̂₁ (training: half the sequences)
+    c.model.time_warp_bins = 0  # parameters of the learned time sampler; set automatically for "learned"
 
     c.flow = ml_collections.ConfigDict()
-    c.flow.time_sampler = "uniform"  # uniform (original) | power (u**p, more small t) | logit_normal
+    # uniform (original) | power (u**p, more small t) | logit_normal | learned (CDCD time warping)
+    c.flow.time_sampler = "uniform"
     c.flow.time_param = 1.0  # p for power, std for logit_normal
     c.flow.num_buckets = 10  # equal t-buckets for the per-bucket validation loss
     # Conditional training (off by default): this fraction of sequences gets known positions that
@@ -58,6 +64,9 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     c.flow.condition_prob = 0.0
     c.flow.condition_prefix_prob = 0.5  # conditioned sequences: known prefix (else random spans)
     c.flow.condition_span_len = 8  # block length of the random known spans
+    # Share of training sequences that draw one flow time per position instead of one per
+    # sequence; mixed noise levels teach the network to read its neighbours. 0 = the original.
+    c.flow.token_time_prob = 0.0
 
     c.sample = ml_collections.ConfigDict()
     c.sample.steps = 16  # default number of flow steps K

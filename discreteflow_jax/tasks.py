@@ -94,6 +94,7 @@ def tokenflow_task(cfg: ExperimentConfig) -> Task:
         return flow.flow_loss(
             model, tokens, mask, key, time_sampler=fc.time_sampler, time_param=fc.time_param,
             num_buckets=fc.num_buckets, known_BT=known_positions(fc, tokens.shape, key),
+            token_time_prob=fc.token_time_prob,
         )
 
     def eval_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):

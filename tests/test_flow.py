@@ -215,7 +215,8 @@ def test_time_grids_and_samplers():
     with pytest.raises(ValueError, match=">= 1"):
         flow.time_grid(0)
     for sampler in flow.TIME_SAMPLERS:
-        t = flow.sample_time(jax.random.key(0), 4096, sampler, 2.0)
+        warp = jnp.zeros((9,)) if sampler == "learned" else None
+        t = flow.sample_time(jax.random.key(0), 4096, sampler, 2.0, warp)
         assert bool(jnp.all((t >= 0) & (t <= 1)))
     t_power = flow.sample_time(jax.random.key(0), 4096, "power", 3.0)
     assert float(jnp.mean(t_power)) == pytest.approx(0.25, abs=0.02)  # E[u^3] = 1/4

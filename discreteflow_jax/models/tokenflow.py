@@ -19,6 +19,22 @@ Design choices (documented because they differ from, or pin down, the original):
   every block starts as the identity map (as in DiT).
 * **Input scaling.** x_t has per-coordinate scale embed_scale; it enters the residual stream
   multiplied by 1/embed_scale so activations are O(1) regardless of the embedding scale.
+
+Options that help the network read its context (all off by default in the dataclass, so the
+original architecture is what an empty config builds; ``presets`` turns on the recommended ones):
+
+* **Per-token time.** ``t`` may be [B] (one time per sequence) or [B, T] (one per position); the
+  time embedding, the adaLN modulation and the singular coefficient then vary per position.
+* **Flow space narrower than the model** (``flow_dim``): embeddings, noise and x_t live in
+  ``flow_dim`` dimensions, with linear maps in and out of the residual stream (Plaid,
+  Diffusion-LM); the singular term is computed in the flow space.
+* **Time-modulated output** (``output_modulation``): shift and scale of the final norm come from
+  the time embedding (DiT's final layer), so the network's share of the logits can follow the
+  singular term's t-dependent magnitude.
+* **Self-conditioning** (``self_condition``): a linear map of the previous estimate x̂₁ is added
+  to the input (Analog Bits, CDCD); zeros when there is none.
+* **Learned time warping** (``time_warp_bins``): the parameters of a monotone fit of the loss
+  over t, from which ``flow`` draws training times (CDCD).
 """
 
 from __future__ import annotations
@@ -44,6 +60,7 @@ from discreteflow_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "full", "save_dots")
+TIME_WARP_GAIN = 50.0  # the time-warp parameters are stored divided by this (see flow.warp_masses)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,18 +85,27 @@ class TokenFlowConfig:
     dtype: str = "float32"  # activation dtype; parameters and logits stay fp32
     remat: str = "none"
     loss_chunk: int = 0  # training loss: tokens per chunk (per device) of the fused output+CE loop; 0: full logits
+    flow_dim: int = 0  # width of embeddings, noise and x_t; 0: dim (the original: no in/out maps)
+    output_modulation: bool = False  # time-dependent shift/scale of the final norm (DiT final layer)
+    self_condition: bool = False  # input the previous estimate x̂₁ (training: half the sequences)
+    time_warp_bins: int = 0  # > 0: learned time-warp parameters (flow.time_sampler="learned")
 
     @property
     def ffn_width(self) -> int:
         return self.ffn_hidden or swiglu_hidden(self.dim)
 
     @property
+    def flow_width(self) -> int:
+        """Width of the embeddings, the noise and x_t."""
+        return self.flow_dim or self.dim
+
+    @property
     def embed_scale_value(self) -> float:
-        return self.embed_scale or 1.0 / math.sqrt(self.dim)
+        return self.embed_scale or 1.0 / math.sqrt(self.flow_width)
 
     @property
     def row_norm(self) -> float:
-        return self.embed_scale_value * math.sqrt(self.dim)
+        return self.embed_scale_value * math.sqrt(self.flow_width)
 
     @property
     def sigma(self) -> float:
@@ -90,12 +116,22 @@ class TokenFlowConfig:
         return DTYPES[self.dtype]
 
 
-def timestep_features(t_B: jax.Array, num_features: int, max_period: float = 10000.0) -> jax.Array:
-    """Sinusoidal features of 1000·t (fp32), [B, num_features]."""
+def timestep_features(t: jax.Array, num_features: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal features of 1000·t (fp32): [B] -> [B, F], or per position [B, T] -> [B, T, F]."""
     half = num_features // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    angles = 1000.0 * t_B.astype(jnp.float32)[:, None] * freqs[None, :]
+    angles = 1000.0 * t.astype(jnp.float32)[..., None] * freqs
     return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def per_position(values: jax.Array) -> jax.Array:
+    """A per-sequence [B] or per-position [B, T] quantity as [B, 1 or T, 1], to scale [B, T, ·]."""
+    return values[:, None, None] if values.ndim == 1 else values[:, :, None]
+
+
+def per_position_rows(cond: jax.Array) -> jax.Array:
+    """A conditioning vector per sequence [B, D] or per position [B, T, D] as [B, 1 or T, D]."""
+    return cond[:, None, :] if cond.ndim == 2 else cond
 
 
 def singular_coefficient(t_B: jax.Array, sigma: float, eps: float) -> jax.Array:
@@ -133,7 +169,7 @@ class FlowBlock(nnx.Module):
             # position: RoPE on queries and context keys, plus biases that give queries and keys a
             # content-independent part, let a head attend by relative position alone.
             self.cross_attn = Attention(
-                d, cfg.num_heads, rngs=rngs, kv_dim=cfg.context_dim or d, rope_theta=cfg.rope_theta,
+                d, cfg.num_heads, rngs=rngs, kv_dim=cfg.context_dim or cfg.flow_width, rope_theta=cfg.rope_theta,
                 use_bias=True, out_init_std=out_std, dtype=dtype,
             )
         else:
@@ -143,7 +179,8 @@ class FlowBlock(nnx.Module):
         self.mlp = SwiGLU(d, cfg.ffn_width, rngs=rngs, out_init_std=out_std, dtype=dtype)
 
     def __call__(self, x: jax.Array, cond_BD: jax.Array, causal: bool, context: jax.Array | None) -> jax.Array:
-        shift, scale, gate = jnp.split(self.modulation(jax.nn.silu(cond_BD))[:, None, :].astype(x.dtype), 3, axis=-1)
+        modulation = per_position_rows(self.modulation(jax.nn.silu(cond_BD))).astype(x.dtype)
+        shift, scale, gate = jnp.split(modulation, 3, axis=-1)
         h = x + self.attn((1 + scale) * self.attn_norm(x) + shift, causal=causal)[0]
         if self.cross_attn is not None:
             if context is None:
@@ -155,12 +192,25 @@ class FlowBlock(nnx.Module):
 class TokenFlow(nnx.Module):
     def __init__(self, cfg: TokenFlowConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        d = cfg.dim
-        self.embedding = nnx.Param(truncated_normal_init(1.0 / math.sqrt(d))(rngs.params(), (cfg.vocab_size, d)))
+        d, f = cfg.dim, cfg.flow_width
+        self.embedding = nnx.Param(truncated_normal_init(1.0 / math.sqrt(f))(rngs.params(), (cfg.vocab_size, f)))
         self.time_embed = TimeEmbedding(cfg.time_features, d, rngs=rngs)
+        # Modules that an option does not use are not created (no dead parameters in checkpoints).
+        narrow = f != d
+        self.in_proj = linear(f, d, rngs=rngs) if narrow else None
+        self.self_cond_proj = linear(f, d, rngs=rngs) if cfg.self_condition else None
         self.blocks = nnx.List([FlowBlock(cfg, layer, rngs=rngs) for layer in range(cfg.num_layers)])
         self.final_norm = RMSNorm(d)
+        self.out_modulation = (
+            linear(d, 2 * d, rngs=rngs, use_bias=True, zero_init=True) if cfg.output_modulation else None
+        )
+        # Tied output: the features that multiply E live in the flow space.
+        self.out_proj = linear(d, f, rngs=rngs) if narrow and cfg.tie_embeddings else None
         self.lm_head = None if cfg.tie_embeddings else linear(d, cfg.vocab_size, rngs=rngs)
+        # Time warp: uniform bins, and a loss scale of log V (the loss of a uniform guess at t = 0).
+        warp = jnp.zeros((cfg.time_warp_bins + 1,), jnp.float32)
+        warp = warp.at[-1].set(math.log(math.log(cfg.vocab_size)) / TIME_WARP_GAIN)
+        self.time_warp = nnx.Param(warp) if cfg.time_warp_bins > 0 else None
 
     # -- embeddings -------------------------------------------------------------------------
     def embeddings(self) -> jax.Array:
@@ -181,11 +231,21 @@ class TokenFlow(nnx.Module):
         return constrain(take_rows(raw, tokens_BT) * scales, ("batch", "length", "embed"))
 
     # -- network ----------------------------------------------------------------------------
-    def hidden(self, x_t: jax.Array, t_B: jax.Array, context: jax.Array | None = None) -> jax.Array:
-        """Final-normed hidden states [B, T, d] in the compute dtype."""
+    def hidden(
+        self, x_t: jax.Array, t_B: jax.Array, context: jax.Array | None = None, self_cond: jax.Array | None = None
+    ) -> jax.Array:
+        """Output features in the compute dtype: final-normed hidden states [B, T, d], mapped to the
+        flow width when the output is tied to a narrower embedding. ``t_B`` is [B] or [B, T];
+        ``self_cond`` the previous estimate x̂₁ [B, T, flow_width] (self-conditioning models only)."""
         cfg = self.cfg
         cond = self.time_embed(t_B)
         x = (x_t / cfg.embed_scale_value).astype(cfg.compute_dtype)
+        if self.in_proj is not None:
+            x = self.in_proj(x)
+        if self.self_cond_proj is not None:
+            if self_cond is None:
+                self_cond = jnp.zeros(x_t.shape, x_t.dtype)
+            x = x + self.self_cond_proj((self_cond / cfg.embed_scale_value).astype(cfg.compute_dtype))
         if context is not None:
             context = constrain(context.astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
@@ -202,11 +262,19 @@ class TokenFlow(nnx.Module):
         x = constrain(x, act)
         for block in self.blocks:
             x = constrain(run_block(block, x, cond, context), act)
-        return self.final_norm(x)
+        h = self.final_norm(x)
+        if self.out_modulation is not None:
+            shift, scale = jnp.split(per_position_rows(self.out_modulation(jax.nn.silu(cond))).astype(h.dtype), 2, -1)
+            h = (1 + scale) * h + shift
+        if self.out_proj is not None:
+            h = self.out_proj(h)
+        return h
 
-    def __call__(self, x_t: jax.Array, t_B: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x_t: jax.Array, t_B: jax.Array, context: jax.Array | None = None, self_cond: jax.Array | None = None
+    ) -> jax.Array:
         """Logits [B, T, V] in fp32 (network logits plus the singular term when enabled)."""
-        h = self.hidden(x_t, t_B, context).astype(jnp.float32)
+        h = self.hidden(x_t, t_B, context, self_cond).astype(jnp.float32)
         x_t = constrain(x_t, ("batch", "length", "embed"))
         return constrain(self.output_logits(h, x_t, t_B), ("batch", "length", "vocab"))
 
@@ -217,7 +285,7 @@ class TokenFlow(nnx.Module):
         if not cfg.singular_logits:
             return self._network_logits(h_BTD, emb)
         if cfg.fused_singular:
-            coeff = singular_coefficient(t_B, cfg.sigma, cfg.singular_eps)[:, None, None]
+            coeff = per_position(singular_coefficient(t_B, cfg.sigma, cfg.singular_eps))
             if self.lm_head is None:
                 return jnp.einsum("btd,vd->btv", h_BTD + coeff * x32, emb)
             return self._network_logits(h_BTD, emb) + jnp.einsum("btd,vd->btv", coeff * x32, emb)
@@ -232,7 +300,7 @@ class TokenFlow(nnx.Module):
     # -- training loss ----------------------------------------------------------------------
     def token_losses(
         self, x_t: jax.Array, t_B: jax.Array, tokens_BT: jax.Array, weights_BT: jax.Array,
-        context: jax.Array | None = None,
+        context: jax.Array | None = None, self_cond: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """(Σ weights·CE, CE per token [B, T]) of the clean tokens under ``self(x_t, t_B, context)``.
 
@@ -244,9 +312,9 @@ class TokenFlow(nnx.Module):
         """
         cfg = self.cfg
         if cfg.loss_chunk == 0 or (cfg.singular_logits and not cfg.fused_singular):
-            token_loss = cross_entropy(self(x_t, t_B, context), tokens_BT)
+            token_loss = cross_entropy(self(x_t, t_B, context, self_cond), tokens_BT)
             return jnp.sum(token_loss * weights_BT), token_loss
-        h = self.hidden(x_t, t_B, context).astype(jnp.float32)
+        h = self.hidden(x_t, t_B, context, self_cond).astype(jnp.float32)
         x_t = constrain(x_t, ("batch", "length", "embed"))
         features, weights, layouts, scales = self._logit_terms(h, x_t, t_B)
         return linear_cross_entropy(
@@ -266,7 +334,7 @@ class TokenFlow(nnx.Module):
             head = (self.lm_head.kernel[...].astype(jnp.float32), "kv", None)
         if not cfg.singular_logits:
             return [h_BTD], [head[0]], [head[1]], [head[2]]
-        coeff = singular_coefficient(t_B, cfg.sigma, cfg.singular_eps)[:, None, None]
+        coeff = per_position(singular_coefficient(t_B, cfg.sigma, cfg.singular_eps))
         singular = coeff * x_t.astype(jnp.float32)
         if self.lm_head is None:
             return [h_BTD + singular], [raw], ["vk"], [row_scales]
@@ -279,7 +347,7 @@ def singular_logits(x_t: jax.Array, t_B: jax.Array, emb_VD: jax.Array, sigma: fl
     Expanded as ‖x‖² − 2t⟨x, e_v⟩ + t²‖e_v‖² so no [B, T, V, d] tensor is formed. At t = 1 the
     denominator is ε² > 0, so the result stays finite.
     """
-    t = t_B.astype(jnp.float32)[:, None, None]
+    t = per_position(t_B.astype(jnp.float32))
     x = x_t.astype(jnp.float32)
     denom = 2.0 * sigma**2 * (1.0 - t) ** 2 + eps**2
     sq_dist = (
