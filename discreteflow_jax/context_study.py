@@ -42,6 +42,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "self_condition": {"model.self_condition": True},
     "token_time+output_modulation": {"flow.token_time_prob": 0.5, "model.output_modulation": True},
     "token_time+learned_time": {"flow.token_time_prob": 0.5, "flow.time_sampler": "learned"},
+    "flow_dim16": {"model.flow_dim": 16},
+    "flow_dim32+token_time": {"model.flow_dim": 32, "flow.token_time_prob": 0.5},
+    "flow_dim16+token_time": {"model.flow_dim": 16, "flow.token_time_prob": 0.5},
+    "flow_dim32+token_time+output_modulation": {
+        "model.flow_dim": 32, "flow.token_time_prob": 0.5, "model.output_modulation": True,
+    },
 }
 
 

@@ -101,15 +101,36 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     return c
 
 
+# The training recipe that reads context (docs/context_ablation.md): the default of every `:cpu`
+# variant, and the `:context` variant of the full configs.
+CONTEXT_RECIPE: dict = {
+    "flow.token_time_prob": 0.5,
+}
+# The original recipe (one uniform t per sequence, embedding width = model width, no
+# self-conditioning, no output modulation): `:original`, also after another variant (`:cpu,original`).
+ORIGINAL_RECIPE: dict = {
+    "flow.token_time_prob": 0.0, "flow.time_sampler": "uniform", "flow.time_param": 1.0,
+    "model.flow_dim": 0, "model.output_modulation": False, "model.self_condition": False,
+    "model.time_warp_bins": 0,
+}
+RECIPE_VARIANTS = {"context": CONTEXT_RECIPE, "original": ORIGINAL_RECIPE}
+
+
 def apply_variant(
     c: ml_collections.ConfigDict, arg: str | None, variants: dict[str, dict]
 ) -> ml_collections.ConfigDict:
-    """Applies a named variant given as {'section.field': value}. Unknown names list the valid ones."""
+    """Applies named variants given as {'section.field': value}, comma-separated and in order
+    (``cpu,original``). Besides a config's own variants, TokenFlow configs accept the training
+    recipes ``context`` and ``original``. Unknown names list the valid ones."""
     if not arg:
         return c
-    if arg not in variants:
-        raise ValueError(f"unknown config variant {arg!r}; valid variants: {', '.join(sorted(variants))}")
-    return set_fields(c, variants[arg])
+    flow_model = c.get("task", "tokenflow") != "teacher"
+    available = dict(variants, **(RECIPE_VARIANTS if flow_model else {}))
+    for name in arg.split(","):
+        if name not in available:
+            raise ValueError(f"unknown config variant {name!r}; valid variants: {', '.join(sorted(available))}")
+        set_fields(c, available[name])
+    return c
 
 
 def set_fields(c: ml_collections.ConfigDict, fields: dict[str, object]) -> ml_collections.ConfigDict:
