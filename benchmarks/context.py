@@ -25,17 +25,45 @@ from discreteflow_jax import context_study as cs  # noqa: E402
 from discreteflow_jax import synthetic as syn  # noqa: E402
 
 
+def markdown_table(paths: list[str]) -> str:
+    """One row per task/recipe: per t, model CE and the share of the Bayes context gain recovered."""
+    import json
+
+    runs: dict = {}
+    for path in paths:
+        with open(path) as f:
+            runs.update(json.load(f)["runs"])
+    times = sorted({t for run in runs.values() for t in run if isinstance(run[t], dict) and "recovered" in run[t]},
+                   key=float)
+    head = "| task/recipe | s/step | " + " | ".join(f"t={t}: CE (share)" for t in times)
+    lines = [head + " | Bayes CE per position → with context, at the t where context is worth most |",
+             "|" + "---|" * (3 + len(times))]
+    for name, run in runs.items():
+        cells = [f"{run[t]['model_ce']:.2f} ({run[t]['recovered']:+.2f})" if t in run else "" for t in times]
+        measured = [t for t in times if t in run]
+        best = max(measured, key=lambda t: run[t]["bayes_position_ce"] - run[t]["bayes_context_ce"])
+        bayes = f"t={best}: {run[best]['bayes_position_ce']:.2f} → {run[best]['bayes_context_ce']:.2f}"
+        lines.append(f"| {name} | {run['sec_per_step']:.2f} | " + " | ".join(cells) + f" | {bayes} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="runs", help=f"comma-separated, from {', '.join(syn.TASKS)}")
-    parser.add_argument("--recipes", default=",".join(cs.RECIPES), help=f"comma-separated, from {', '.join(cs.RECIPES)}")
+    parser.add_argument("--recipes", default=",".join(cs.RECIPES),
+                        help=f"comma-separated, from {', '.join(cs.RECIPES)}")
     parser.add_argument("--steps", type=int, default=cs.StudySettings.steps)
     parser.add_argument("--vocab_size", type=int, default=cs.StudySettings.vocab_size)
     parser.add_argument("--dim", type=int, default=cs.StudySettings.dim)
     parser.add_argument("--times", default="0.1,0.15,0.2,0.3", help="flow times at which to measure")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="also write the JSON report here")
+    parser.add_argument("--render", nargs="+", default=None, metavar="REPORT",
+                        help="print a markdown table of earlier JSON reports instead of training")
     args = parser.parse_args()
+    if args.render:
+        print(markdown_table(args.render))
+        return
     for name in args.recipes.split(","):
         if name not in cs.RECIPES:
             parser.error(f"unknown recipe {name!r}; valid: {', '.join(cs.RECIPES)}")

@@ -4,7 +4,7 @@ sample-10BT with the GPT-2 tokenizer, context 1024, 12 layers, 12 heads, dim 768
 Offline: --config.data.local_path=FILE_OR_DIR (parquet/jsonl with a `text` column).
 """
 
-from discreteflow_jax.presets import apply_variant, tokenflow_defaults
+from discreteflow_jax.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
 
 VARIANTS = {
     "cpu": {
@@ -12,6 +12,8 @@ VARIANTS = {
         "data.seq_len": 128, "train.batch_size": 8, "train.grad_accum": 1, "train.num_steps": 1000,
         "train.lr": 1e-3, "train.warmup_steps": 100, "train.log_every": 25, "train.eval_every": 250,
         "train.ckpt_every": 250, "train.eval_batches": 4, "data.val_rows": 32,
+        # The recipe that reads context (docs/context_ablation.md); `:cpu,original` drops it.
+        **CONTEXT_RECIPE,
     },
     "smoke": {
         "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 32,

@@ -11,7 +11,7 @@ a few seconds per step on 2 cores) and `:smoke` (seconds, tests; point teacher.h
 """
 
 from discreteflow_jax.gumbel_task import add_gumbel_sections
-from discreteflow_jax.presets import apply_variant, tokenflow_defaults
+from discreteflow_jax.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
 
 VARIANTS = {
     "cpu": {
@@ -19,6 +19,8 @@ VARIANTS = {
         "data.seq_len": 64, "train.batch_size": 8, "train.grad_accum": 1, "train.num_steps": 300,
         "train.lr": 1e-3, "train.warmup_steps": 50, "train.log_every": 10, "train.eval_every": 100,
         "train.ckpt_every": 100, "train.eval_batches": 2, "data.val_rows": 16,
+        # The recipe that reads context (docs/context_ablation.md); `:cpu,original` drops it.
+        **CONTEXT_RECIPE,
     },
     "smoke": {
         "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 32,

@@ -4,7 +4,7 @@ Variants: `:cpu` trains in minutes on a 2-core CPU with visible learning (it sam
 spend more of the small batch at small t); `:smoke` runs in seconds (tests).
 """
 
-from discreteflow_jax.presets import apply_variant, tokenflow_defaults
+from discreteflow_jax.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
 
 VARIANTS = {
     "cpu": {
@@ -17,6 +17,8 @@ VARIANTS = {
         # A 15-minute budget: spend more of each batch at small t (t = u**2), where the network has
         # to learn; with uniform t ~70% of the batch has near-zero loss (SPEC §4).
         "flow.time_sampler": "power", "flow.time_param": 2.0,
+        # The recipe that reads context (docs/context_ablation.md); `:cpu,original` drops it.
+        **CONTEXT_RECIPE,
     },
     "smoke": {
         "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 16,

@@ -11,7 +11,7 @@ tests) distills the `:smoke` teacher.
 """
 
 from discreteflow_jax.gumbel_task import add_gumbel_sections
-from discreteflow_jax.presets import apply_variant, tokenflow_defaults
+from discreteflow_jax.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
 
 VARIANTS = {
     "cpu": {
@@ -22,6 +22,8 @@ VARIANTS = {
         # 500 steps: on 2 CPU cores a Gumbel step costs ~1.7 s (the B×T×V noise), so this fits in ~15 min.
         # As shakespeare_baseline.py:cpu: more of the small batch at small t (t = u**2).
         "flow.time_sampler": "power", "flow.time_param": 2.0,
+        # The recipe that reads context (docs/context_ablation.md); `:cpu,original` drops it.
+        **CONTEXT_RECIPE,
     },
     "smoke": {
         "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 16,

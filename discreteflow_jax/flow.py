@@ -44,7 +44,9 @@ def sample_time(
         return jax.nn.sigmoid(param * jax.random.normal(key, shape, jnp.float32))
     if sampler == "learned":
         if warp is None:
-            raise ValueError('time sampler "learned" needs a model with time-warp parameters (model.time_warp_bins > 0)')
+            raise ValueError(
+                'time sampler "learned" needs a model with time-warp parameters (model.time_warp_bins > 0)'
+            )
         k_mix, k_u = jax.random.split(key)
         warped = warp_inverse_cdf(jax.lax.stop_gradient(warp), jax.random.uniform(k_u, shape, jnp.float32))
         return jnp.where(jax.random.uniform(k_mix, shape) < WARP_UNIFORM_SHARE, u, warped)

@@ -32,7 +32,9 @@ def perturb(model: TokenFlow, scale: float = 0.05) -> TokenFlow:
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
-@pytest.mark.parametrize("kw", [{}, {"output_modulation": True}, {"flow_dim": 8}, {"flow_dim": 8, "tie_embeddings": False}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"output_modulation": True}, {"flow_dim": 8}, {"flow_dim": 8, "tie_embeddings": False}]
+)
 def test_per_token_time_equals_per_sequence_time_when_equal(kw):
     model = perturb(make_model(**kw))
     x = 0.3 * jax.random.normal(jax.random.key(1), (3, 6, model.cfg.flow_width))
@@ -213,7 +215,8 @@ def test_bayes_references_order_and_sequences():
     emb = jax.random.normal(jax.random.key(0), (64, 16))
     emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
     sigma = 0.25
-    x_t = flow.noisy_path(emb[tokens], sigma * jax.random.normal(jax.random.key(1), (256, 16, 16)), jnp.full((256,), 0.3))
+    noise = sigma * jax.random.normal(jax.random.key(1), (256, 16, 16))
+    x_t = flow.noisy_path(emb[tokens], noise, jnp.full((256,), 0.3))
     alone, full = syn.bayes_losses(jnp.asarray(tokens), x_t, emb, 0.3, sigma, task)
     assert full < alone - 0.1  # context helps on runs
     mapped = syn.make_task("map", 64, 0.75, seed=3)

@@ -7,6 +7,9 @@ every position, at the t where context is worth the most, as a share of that Bay
 
 from __future__ import annotations
 
+import pytest
+from conftest import load_config
+
 from discreteflow_jax import context_study as cs
 from discreteflow_jax import synthetic as syn
 from discreteflow_jax.presets import CONTEXT_RECIPE, ORIGINAL_RECIPE
@@ -39,3 +42,19 @@ def test_original_recipe_does_not():
     share, result = recovered_at_most_informative_t({})
     assert share < 0.25, result
 
+
+
+@pytest.mark.parametrize("name", ["shakespeare_baseline", "shakespeare_gumbel", "fineweb_baseline", "fineweb_gumbel"])
+def test_cpu_variants_use_the_context_recipe_and_original_is_one_switch_away(name):
+    for variant, recipe in (("cpu", CONTEXT_RECIPE), ("cpu,original", ORIGINAL_RECIPE), ("context", CONTEXT_RECIPE)):
+        c = load_config(name, variant)
+        for dotted, value in recipe.items():
+            section, field = dotted.split(".")
+            assert c[section][field] == value, (variant, dotted)
+    with pytest.raises(ValueError, match="valid variants"):
+        load_config(name, "cpu,bogus")
+
+
+def test_teacher_has_no_flow_recipes():
+    with pytest.raises(ValueError, match="valid variants"):
+        load_config("shakespeare_teacher", "original")
