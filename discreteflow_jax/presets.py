@@ -105,6 +105,7 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
 # variant, and the `:context` variant of the full configs.
 CONTEXT_RECIPE: dict = {
     "flow.token_time_prob": 0.5,
+    "model.flow_dim": 32,
 }
 # The original recipe (one uniform t per sequence, embedding width = model width, no
 # self-conditioning, no output modulation): `:original`, also after another variant (`:cpu,original`).
