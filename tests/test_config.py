@@ -40,7 +40,7 @@ def test_causal_override_reaches_the_model():
 
 
 def test_unknown_variant_lists_valid_ones():
-    with pytest.raises(ValueError, match="valid variants: cpu, smoke"):
+    with pytest.raises(ValueError, match="valid variants: context, cpu, original, smoke"):
         load_config("shakespeare_baseline", "tiny")
 
 
