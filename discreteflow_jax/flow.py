@@ -290,7 +290,8 @@ def sample_flow(
         t, t_next = grid[i], grid[i + 1]
         if clamp_fn is not None:
             x = clamp_fn(x, t)
-        logits = model(x, jnp.full((b,), t), context, x1_prev if use_self_cond else None)
+        t_B = jnp.full((b,), t)
+        logits = model(x, t_B, context, x1_prev) if use_self_cond else model(x, t_B, context)
 
         def advance(_):
             x1_hat = posterior_mean(model, logits, temperature)
