@@ -786,6 +786,7 @@ def _load_workdir(workdir: str, data_dir: str | None, step: int | None) -> Token
                 from discreteflow_jax.teacher import restore_teacher_step
 
                 return cfg, restore_teacher_step(mngr, workdir, s)
+            ckpt.verify(mngr, s)
             graphdef, abstract_params = abstract_tokenflow(cfg)
             return cfg, (graphdef, _restore_tokenflow_params(mngr, s, cfg, abstract_params))
 

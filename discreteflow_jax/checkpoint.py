@@ -5,6 +5,12 @@ arrays written by all processes together) and ``meta`` (JSON: the full config, t
 position, the code version). Saves are asynchronous; old steps are pruned (keep-last-N); orbax
 writes to a temporary folder and renames, so a crash never leaves a half-written "latest" step.
 
+Array data that orbax stores uncompressed carries no checksum of its own, so a flipped byte there
+would read back as a wrong number without any error: once a step is written, the training run
+records the size and CRC-32 of each of its files in ``<step>/checksums.json`` (``write_checksums``)
+and every reader checks them first (``verify``). Steps without that file (older ones, or a run
+stopped between the write and the checksums) are read unverified.
+
 Damaged checkpoints (a truncated or corrupted file, missing metadata) are never deleted: readers
 try the steps newest first and say which one is damaged and why (``select``); a training run
 that falls back moves the damaged step folders to ``<workdir>/checkpoints_damaged/`` so that its
@@ -13,9 +19,11 @@ own later saves and pruning never touch them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -28,6 +36,7 @@ T = TypeVar("T")
 
 # Files orbax writes into every finished step: a step without one of them cannot be restored.
 REQUIRED_FILES = ("state/_METADATA", "meta/metadata")
+CHECKSUM_FILE = "checksums.json"
 # Where a training run moves step folders it will not resume from (kept, never deleted).
 DAMAGED_DIR = "checkpoints_damaged"
 SKIPPED_DIR = "checkpoints_skipped"
@@ -131,12 +140,69 @@ def guarded(mngr: ocp.CheckpointManager, step: int, read: Callable[[], T]) -> T:
     base = epath.Path(step_path(mngr, step))
     missing = [f for f in REQUIRED_FILES if not (base / f).exists()]
     if missing:
-        raise damaged(mngr, step, f"missing {', '.join(missing)}")
+        raise damaged(mngr, step, "; ".join(f"{f} is missing" for f in missing))
     _quiet_closed_loop_callbacks()
     try:
         return read()
     except Exception as err:  # orbax/tensorstore raise many types; all mean "this step does not read"
         raise damaged(mngr, step, damage_reason(err)) from err
+
+
+def _step_files(directory: str) -> dict[str, epath.Path]:
+    """The files of a local step folder, by path relative to it."""
+    found: dict[str, epath.Path] = {}
+    for folder, _, names in os.walk(directory):
+        for name in names:
+            rel = os.path.relpath(os.path.join(folder, name), directory)
+            if rel != CHECKSUM_FILE:
+                found[rel] = epath.Path(folder) / name
+    return found
+
+
+def _crc32(path: epath.Path) -> tuple[int, int]:
+    size, crc = 0, 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            size += len(chunk)
+            crc = zlib.crc32(chunk, crc)
+    return size, crc
+
+
+def write_checksums(directory: str) -> None:
+    """Records size and CRC-32 of every file of a finished local step folder (written atomically)."""
+    base = epath.Path(directory)
+    files = {rel: list(_crc32(path)) for rel, path in sorted(_step_files(directory).items())}
+    tmp = base / (CHECKSUM_FILE + ".tmp")
+    tmp.write_text(json.dumps({"algorithm": "crc32", "files": files}))
+    tmp.rename(base / CHECKSUM_FILE)
+
+
+def verify(mngr: ocp.CheckpointManager, step: int) -> None:
+    """Raises CheckpointDamagedError when a file of the step is missing, has another size
+    (truncated) or another CRC-32 (corrupted) than when it was written; a step without
+    checksums passes unverified."""
+    base = epath.Path(step_path(mngr, step))
+    record = base / CHECKSUM_FILE
+    if not record.exists():
+        return
+    try:
+        files = json.loads(record.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise damaged(mngr, step, f"{CHECKSUM_FILE} does not read ({type(err).__name__}: {err})") from err
+    problems = []
+    for rel, (size, crc) in files.items():
+        path = base / rel
+        if not path.exists():
+            problems.append(f"{rel} is missing")
+            continue
+        got_size, got_crc = _crc32(path)
+        if got_size != size:
+            problems.append(f"{rel} has {got_size} bytes, {size} when written (truncated or overwritten)")
+        elif got_crc != crc:
+            problems.append(f"{rel} does not match its checksum (corrupted)")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise damaged(mngr, step, shown)
 
 
 def _quiet_closed_loop_callbacks() -> None:

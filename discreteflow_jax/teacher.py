@@ -141,6 +141,7 @@ def restore_teacher_step(mngr: Any, workdir: str, step: int) -> TeacherBundle:
     from discreteflow_jax import checkpoint as ckpt
     from discreteflow_jax.train import TrainState, make_optimizer
 
+    ckpt.verify(mngr, step)
     meta = ckpt.guarded(mngr, step, lambda: ckpt.read_meta(mngr, step))
     raw = meta.get("config")
     if not isinstance(raw, dict):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import flax
 import jax
@@ -233,6 +235,7 @@ class Trainer:
         self.writer = MetricWriter(workdir, enabled=self.process_index == 0)
         self.ckpt = ckpt.manager(workdir, cfg.train.keep_checkpoints, clean_partial=True)
         self._unconfirmed_save: int | None = None  # step of the last asynchronous save not yet finished
+        self._checksum_thread: threading.Thread | None = None
 
     # -- state -----------------------------------------------------------------------------
     def init_state(self) -> TrainState:
@@ -286,6 +289,8 @@ class Trainer:
         A checkpoint of another experiment raises CheckpointMismatchError (never a fallback)."""
         error: ckpt.CheckpointDamagedError | None = None
         try:
+            if self.process_index == 0:  # one reader is enough; the verdict is shared below
+                ckpt.verify(self.ckpt, step)
             meta = ckpt.guarded(self.ckpt, step, lambda: ckpt.read_meta(self.ckpt, step))
             if not isinstance(meta.get("config"), dict):
                 raise ckpt.damaged(self.ckpt, step, "its metadata carries no config")
@@ -312,21 +317,41 @@ class Trainer:
             meta["data_states"] = dist.allgather_json(meta["data_state"])
         self.finish_saves()
         try:
-            ckpt.save(self.ckpt, step, state, meta, force=force)
+            started = ckpt.save(self.ckpt, step, state, meta, force=force)
         except Exception as err:
             self._write_failed(step, err)
-        self._unconfirmed_save = step
+        if started:  # orbax skips a step it already holds
+            self._unconfirmed_save = step
 
-    def finish_saves(self) -> None:
+    def finish_saves(self, *, wait_checksums: bool = False) -> None:
         """Waits for the asynchronous checkpoint write in flight; a failed one stops the run with
-        CheckpointWriteError (the steps written before it stay intact)."""
+        CheckpointWriteError (the steps written before it stay intact). A finished step gets its
+        checksums (``checkpoint.write_checksums``) in a background thread on process 0, for local
+        workdirs (reading a remote one back would cost a full download)."""
+        if self._checksum_thread is not None:
+            self._checksum_thread.join()
+            self._checksum_thread = None
         try:
             self.ckpt.wait_until_finished()
         except Exception as err:
             self._write_failed(self._unconfirmed_save, err)
-        self._unconfirmed_save = None
+        step, self._unconfirmed_save = self._unconfirmed_save, None
+        if step is not None and self.process_index == 0 and not ckpt.is_remote(self.workdir):
+            self._checksum_thread = threading.Thread(target=self._write_checksums, args=(step,), daemon=True)
+            self._checksum_thread.start()
+            if wait_checksums:
+                self._checksum_thread.join()
+                self._checksum_thread = None
 
-    def _write_failed(self, step: int | None, err: Exception) -> None:
+    def _write_checksums(self, step: int) -> None:
+        path = ckpt.step_path(self.ckpt, step)
+        try:
+            ckpt.write_checksums(path)
+        except Exception as err:  # e.g. the step pruned meanwhile: it is then only unverified
+            if os.path.isdir(path):
+                log.warning("could not record the checksums of %s (%s); it will be read unverified", path, err)
+
+    def _write_failed(self, step: int | None, err: Exception) -> NoReturn:
         self.ckpt.reload()  # what is really on disk: the failed step is not a checkpoint
         good = self.ckpt.latest_step()
         kept = (f"the newest intact checkpoint is step {good}; rerunning the same command resumes from it"
@@ -386,7 +411,7 @@ class Trainer:
         guard = dist.PreemptionGuard(self.preemption_sync_every)
         with guard:
             result = self._loop(state, start, guard)
-        self.finish_saves()
+        self.finish_saves(wait_checksums=True)
         self.writer.flush()
         if result.get("preempted"):
             log.info("stopped by signal %s after step %d; checkpoint saved", guard.received, result["step"])

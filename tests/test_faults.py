@@ -67,28 +67,41 @@ def flip_bytes(path: str) -> bytes:
 
 def damage(workdir: str, step: int, how: str) -> tuple[str, str]:
     """Damages one checkpoint as a failing disk or an interrupted copy would; returns (the file
-    touched, a piece of the reason the message must give)."""
+    touched, a piece of the reason the message must give). ``*_unverified``: the step has no
+    checksums (written before they existed), so orbax's own reading has to notice."""
     base = step_dir(workdir, step)
-    if how == "corrupted":  # bytes flipped in the data file that indexes every array
+    if how.endswith("_unverified"):
+        os.remove(os.path.join(base, ckpt.CHECKSUM_FILE))
+    if how == "corrupted":  # bytes flipped in the largest array file, stored without compression
+        path = max(glob.glob(os.path.join(base, "state", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
+        flip_bytes(path)
+        return path, f"{os.path.relpath(path, base)} does not match its checksum (corrupted)"
+    if how == "corrupted_unverified":  # bytes flipped in the data file that indexes every array
         (path,) = glob.glob(os.path.join(base, "state", "d", "*"))
         flip_bytes(path)
-        return path, "DATA_LOSS"
-    if how == "truncated":  # the largest array file cut to a third
+        return path, "CRC-32C checksum verification failed"
+    if how in ("truncated", "truncated_unverified"):  # the largest array file cut to a third
         path = max(glob.glob(os.path.join(base, "state", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
-        os.truncate(path, os.path.getsize(path) // 3)
-        return path, "reading array"
+        size = os.path.getsize(path)
+        os.truncate(path, size // 3)
+        rel = os.path.relpath(path, base)
+        return path, (f"{rel} has {size // 3} bytes, {size} when written (truncated" if how == "truncated"
+                      else "Encountered error while reading array index")
     if how == "no_state_metadata":
         path = os.path.join(base, "state", "_METADATA")
         os.remove(path)
-        return path, "missing state/_METADATA"
+        return path, "state/_METADATA is missing"
     if how == "no_meta":
         path = os.path.join(base, "meta", "metadata")
         os.remove(path)
-        return path, "missing meta/metadata"
+        return path, "meta/metadata is missing"
     raise ValueError(how)
 
 
-@pytest.mark.parametrize("how", ["corrupted", "truncated", "no_state_metadata", "no_meta"])
+DAMAGES = ["corrupted", "truncated", "corrupted_unverified", "truncated_unverified", "no_state_metadata", "no_meta"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
 def test_damaged_newest_checkpoint_falls_back(trained, tmp_path, data_dir, caplog, how):
     workdir = copy_run(trained, tmp_path)
     touched, reason = damage(workdir, STEPS, how)
@@ -111,6 +124,16 @@ def test_damaged_newest_checkpoint_falls_back(trained, tmp_path, data_dir, caplo
     if damaged_bytes is not None:
         assert open(moved, "rb").read() == damaged_bytes
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [3, 6, 9]
+    assert os.path.isfile(os.path.join(step_dir(workdir, STEPS), ckpt.CHECKSUM_FILE))  # the new step 9 has them
+
+
+def test_checksums_record_every_file_of_a_step(trained):
+    for step in (3, 6, 9):
+        base = step_dir(trained[0], step)
+        record = json.load(open(os.path.join(base, ckpt.CHECKSUM_FILE)))
+        files = {os.path.relpath(os.path.join(d, f), base) for d, _, fs in os.walk(base) for f in fs}
+        assert set(record["files"]) == files - {ckpt.CHECKSUM_FILE}
+        assert all(os.path.getsize(os.path.join(base, rel)) == size for rel, (size, _) in record["files"].items())
 
 
 def test_every_checkpoint_damaged_stops_with_all_reasons(trained, tmp_path, data_dir):
@@ -122,7 +145,7 @@ def test_every_checkpoint_damaged_stops_with_all_reasons(trained, tmp_path, data
     message = str(info.value)
     assert "no checkpoint in" in message and "left in place" in message
     for step in (3, 6, 9):
-        assert f"step {step} ({step_dir(workdir, step)}) is damaged: missing meta/metadata" in message
+        assert f"step {step} ({step_dir(workdir, step)}) is damaged: meta/metadata is missing" in message
         assert os.path.isdir(step_dir(workdir, step))  # nothing moved, nothing deleted
 
 
@@ -211,7 +234,7 @@ def test_cli_reports_damaged_run_without_traceback(trained, tmp_path, data_dir):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
-    assert "error: no checkpoint in" in out.stderr and "missing state/_METADATA" in out.stderr
+    assert "error: no checkpoint in" in out.stderr and "state/_METADATA is missing" in out.stderr
 
 
 # ---------------------------------------------------------------------------------------------
