@@ -433,12 +433,13 @@ class Trainer:
             pending.append((step + 1, metrics))
             steps_in_window += 1
             done = step + 1
-            if step == start and done % cfg.train.log_every:
+            is_last = done == cfg.train.num_steps
+            log_now = done % cfg.train.log_every == 0 or is_last or done % cfg.train.ckpt_every == 0
+            if step == start and not log_now:
                 # The first step compiles: the speed (and so the ETA) is measured from the steps after it.
                 jax.block_until_ready(metrics)
                 t_window, steps_in_window = time.time(), 0
-            is_last = done == cfg.train.num_steps
-            if done % cfg.train.log_every == 0 or is_last or done % cfg.train.ckpt_every == 0:
+            if log_now:
                 last_metrics = self._drain(pending)
                 elapsed = time.time() - t_window
                 speed = steps_in_window / max(elapsed, 1e-9)
