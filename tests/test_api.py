@@ -215,7 +215,7 @@ def test_continue_prefixes_keeps_each_prefix_and_returns_the_rest():
 
 
 def test_gumbel_models_condition_with_posterior_noise():
-    gmb = pytest.importorskip("discreteflow_jax.gumbel")
+    from discreteflow_jax import gumbel as gmb
     tok = CharTokenizer()
     c = load_config("shakespeare_baseline")
     c.model.vocab_size = tok.vocab_size
@@ -287,7 +287,6 @@ def test_flow_loss_with_known_positions_keeps_them_clean_and_unscored():
 
 
 def test_gumbel_task_trains_with_known_positions():
-    pytest.importorskip("discreteflow_jax.gumbel")
     from discreteflow_jax.gumbel_task import add_gumbel_sections, gumbel_task
     from discreteflow_jax.models.llama import Llama, LlamaConfig
     from discreteflow_jax.presets import tokenflow_defaults
@@ -471,7 +470,6 @@ def test_top_level_exports_are_lazy():
 
 
 def test_gumbel_architecture_in_export(tmp_path, data_dir):
-    pytest.importorskip("discreteflow_jax.gumbel")
     tok = load_tokenizer("llama", data_dir)
     c = load_config("shakespeare_baseline")
     c.task = "gumbel"
@@ -485,6 +483,14 @@ def test_gumbel_architecture_in_export(tmp_path, data_dir):
     loaded = dfj.load(out)
     assert loaded.kind == "gumbel" and loaded.architecture.cross_attention
     assert json.loads(open(os.path.join(out, "config.json")).read())["architecture"]["cross_attention"] is True
+    assert loaded.config.extra["gumbel"] == cfg.extra["gumbel"]
+    # Every parameter comes back, the cross-attention layers included.
+    flat = export.flatten_params(model.params)
+    assert any("cross" in name for name in flat)
+    loaded_flat = export.flatten_params(loaded.params)
+    assert sorted(loaded_flat) == sorted(flat)
+    for name, value in flat.items():
+        np.testing.assert_array_equal(loaded_flat[name], value)
     np.testing.assert_array_equal(loaded.sample_tokens(1, 2, seed=0), model.sample_tokens(1, 2, seed=0))
 
 

@@ -2,34 +2,74 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
-from conftest import load_config
+from conftest import REPO, load_config
 
 from discreteflow_jax import experiment
 from discreteflow_jax.config import ConfigError, parse_config
 from discreteflow_jax.data import DataError
 from discreteflow_jax.presets import set_fields
 
-CONFIGS = ["shakespeare_baseline", "fineweb_baseline", "shakespeare_teacher"]
+CONFIG_FILES = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("variant", [None, "cpu", "smoke"])
+def _variants(name: str) -> list[str | None]:
+    spec = importlib.util.spec_from_file_location(f"variants_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [None, *sorted(module.VARIANTS)]
+
+
+def test_every_config_file_is_covered():
+    assert set(CONFIG_FILES) >= {"shakespeare_baseline", "shakespeare_teacher", "shakespeare_gumbel",
+                                 "fineweb_baseline", "fineweb_gumbel"}
+    assert all(_variants(name)[1:] == ["cpu", "smoke"] for name in CONFIG_FILES)
+
+
+@pytest.mark.parametrize(("name", "variant"), [(n, v) for n in CONFIG_FILES for v in _variants(n)])
 def test_every_config_variant_parses(name, variant):
     cfg = parse_config(load_config(name, variant))
     assert cfg.data.seq_len <= cfg.model.max_len
+    assert cfg.task == ("teacher" if "teacher" in name else "gumbel" if "gumbel" in name else "tokenflow")
+    assert cfg.data.name == ("fineweb" if name.startswith("fineweb") else "shakespeare")
+    assert cfg.model.vocab_size == (50257 if name.startswith("fineweb") else 32000)
+    if cfg.task == "gumbel":  # the gumbel section is valid and reaches the student (cross-attention layers)
+        from discreteflow_jax import gumbel as gmb
+
+        g = gmb.parse_gumbel_config(cfg.extra["gumbel"])
+        assert gmb.student_config(cfg.model, g).cross_attention == (g.conditioning == "cross_attention")
+        assert cfg.model.tie_embeddings is False
+    if variant is None:  # the full experiments fit one evaluation of distinct validation windows
+        assert cfg.train.eval_batches == 0
+
+
+def _sizes(name: str) -> tuple:
+    cfg = parse_config(load_config(name, None))
+    m, t = cfg.model, cfg.train
+    return (m.vocab_size, cfg.data.seq_len, m.dim, m.num_layers, m.num_heads, t.num_steps, t.batch_size,
+            t.grad_accum, t.warmup_steps)
 
 
 def test_full_configs_have_the_seed_experiment_sizes():
+    # (vocab, context, dim, layers, heads, steps, batch, micro-batches, warm-up): SPEC §1 and §10.
+    assert _sizes("shakespeare_baseline") == (32000, 128, 512, 8, 8, 10000, 128, 2, 1000)
+    assert _sizes("shakespeare_gumbel") == (32000, 128, 512, 8, 8, 5000, 128, 2, 500)
+    assert _sizes("fineweb_baseline") == (50257, 1024, 768, 12, 12, 30000, 256, 4, 2000)
+    assert _sizes("fineweb_gumbel") == (50257, 1024, 768, 12, 12, 30000, 256, 4, 2000)
     shakespeare = parse_config(load_config("shakespeare_baseline", None))
-    assert (shakespeare.model.vocab_size, shakespeare.data.seq_len, shakespeare.model.dim) == (32000, 128, 512)
-    assert (shakespeare.model.num_layers, shakespeare.model.num_heads, shakespeare.train.num_steps) == (8, 8, 10000)
+    assert (shakespeare.train.lr, shakespeare.train.grad_clip, shakespeare.model.tie_embeddings) == (4e-4, 1.0, True)
     assert (shakespeare.train.b1, shakespeare.train.b2, shakespeare.train.weight_decay) == (0.9, 0.98, 0.02)
-    fineweb = parse_config(load_config("fineweb_baseline", None))
-    assert (fineweb.model.vocab_size, fineweb.data.seq_len, fineweb.model.dim) == (50257, 1024, 768)
-    assert (fineweb.model.num_layers, fineweb.model.num_heads, fineweb.train.num_steps) == (12, 12, 30000)
     teacher = parse_config(load_config("shakespeare_teacher", None))
-    assert (teacher.model.dim, teacher.model.num_layers, teacher.model.ffn_hidden) == (512, 8, 2048)
+    assert (teacher.model.dim, teacher.model.num_layers, teacher.model.num_heads, teacher.model.ffn_hidden) == (
+        512, 8, 8, 2048)
+    assert (teacher.train.num_steps, teacher.train.batch_size, teacher.train.lr, teacher.train.warmup_steps) == (
+        5000, 128, 3e-4, 500)
+    for name in ("shakespeare_gumbel", "fineweb_gumbel"):
+        cfg = parse_config(load_config(name, None))
+        assert cfg.extra["gumbel"]["conditioning"] == "cross_attention"
+    assert parse_config(load_config("fineweb_gumbel", None)).extra["teacher"]["hf"] == "gpt2"
 
 
 def test_causal_override_reaches_the_model():

@@ -218,6 +218,27 @@ def test_time_grids_and_samplers():
         warp = jnp.zeros((9,)) if sampler == "learned" else None
         t = flow.sample_time(jax.random.key(0), 4096, sampler, 2.0, warp)
         assert bool(jnp.all((t >= 0) & (t <= 1)))
+    # Each sampler against its distribution (Kolmogorov-Smirnov distance; 0.03 is above the 99.9%
+    # critical value 1.95/sqrt(n) for n = 4096): a wrong or degenerate sampler is far from it.
+    from scipy.special import logit, ndtr
+
+    x = np.linspace(0.005, 0.995, 199)
+    cdfs = {
+        ("uniform", 2.0): x,
+        ("power", 2.0): x ** (1 / 2.0),  # P(u**p <= x) = x**(1/p)
+        ("power", 3.0): x ** (1 / 3.0),
+        ("logit_normal", 2.0): ndtr(logit(x) / 2.0),  # t = sigmoid(s·z)
+        ("logit_normal", 0.5): ndtr(logit(x) / 0.5),
+    }
+    for (sampler, param), cdf in cdfs.items():
+        t = np.asarray(flow.sample_time(jax.random.key(1), 4096, sampler, param))
+        assert t.min() >= 0 and t.max() <= 1
+        empirical = np.searchsorted(np.sort(t), x, side="right") / t.size
+        assert np.max(np.abs(empirical - cdf)) < 0.03, (sampler, param)
+    # The distances separate the distributions (the check can fail): logit-normal 2.0 is not 0.5.
+    t = np.asarray(flow.sample_time(jax.random.key(1), 4096, "logit_normal", 2.0))
+    empirical = np.searchsorted(np.sort(t), x, side="right") / t.size
+    assert np.max(np.abs(empirical - ndtr(logit(x) / 0.5))) > 0.1
     t_power = flow.sample_time(jax.random.key(0), 4096, "power", 3.0)
     assert float(jnp.mean(t_power)) == pytest.approx(0.25, abs=0.02)  # E[u^3] = 1/4
 
