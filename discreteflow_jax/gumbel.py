@@ -242,10 +242,21 @@ def teacher_sample_tokens(
 # Fused reduction of G to [B, T, d]
 
 
-def resolve_chunk(seq_len: int, batch: int, vocab: int, chunk_size: int = 0) -> int:
+def resolve_chunk(seq_len: int, batch: int, vocab: int, chunk_size: int = 0, shards: int | None = None) -> int:
     """Positions per chunk: the largest divisor of seq_len not above ``chunk_size`` (0: the largest
-    one whose [B, C, V] temporaries stay under AUTO_CHUNK_ELEMENTS)."""
-    limit = chunk_size if chunk_size > 0 else max(AUTO_CHUNK_ELEMENTS // max(batch * vocab, 1), 1)
+    one whose [B, C, V] temporaries stay under AUTO_CHUNK_ELEMENTS on each device).
+
+    ``shards``: how many ways the batch is split over devices (default: the batch axis of the
+    mesh the step is traced under, 1 outside one). Each device holds batch/shards rows, so the
+    automatic chunk grows with the device count, as ``linear_ce`` sizes its chunks; sizing it by
+    the global batch would run many more sequential chunks per step than memory requires.
+    """
+    if shards is None:
+        from discreteflow_jax.sharding import axis_shards
+
+        shards = axis_shards("batch")
+    rows = batch // shards if shards > 0 and batch % shards == 0 else batch
+    limit = chunk_size if chunk_size > 0 else max(AUTO_CHUNK_ELEMENTS // max(rows * vocab, 1), 1)
     limit = min(limit, seq_len)
     return max(c for c in range(1, limit + 1) if seq_len % c == 0)
 

@@ -428,6 +428,26 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, data_dir: str | None 
     return experiment.run(config, str(workdir), data_dir=data_dir)
 
 
+def assert_teacher_nll_is_the_teachers_own_loss(config: ml_collections.ConfigDict, workdir: Path,
+                                               data_dir: str | None) -> None:
+    """The teacher NLL the Gumbel validation logs is the teacher's own next-token loss on the same
+    validation windows (the step's teacher pass feeds [BOS] + x[:-1], exactly like the teacher's)."""
+    from discreteflow_jax import experiment
+    from discreteflow_jax.teacher import load_teacher, next_token_sums
+    from discreteflow_jax.train import validation_batches
+
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = [x for x in lines if "val/teacher_nll" in x][-1]["val/teacher_nll"]
+    cfg, _, dataset = experiment.prepare(config, data_dir)
+    teacher = load_teacher(dict(cfg.extra["teacher"]))
+    loss_sum = tokens = 0.0
+    for batch in validation_batches(dataset, cfg.train.batch_size, cfg.train.eval_batches):
+        sums = next_token_sums(teacher.model(), jnp.asarray(batch, jnp.int32), teacher.bos_id)[1]
+        loss_sum, tokens = loss_sum + float(sums["loss_sum"]), tokens + float(sums["tokens"])
+    assert logged == pytest.approx(loss_sum / tokens, rel=1e-4)
+    assert 0 < logged < 2 * math.log(cfg.model.vocab_size)
+
+
 @pytest.fixture(scope="module")
 def shakespeare_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (DATA / "tiny_shakespeare" / "input.txt").exists():
@@ -445,8 +465,10 @@ def test_shakespeare_gumbel_smoke(shakespeare_teacher_dir: Path, tmp_path: Path,
     c.causal = causal
     out = _run(c, tmp_path, str(DATA))
     assert np.isfinite(out["metrics"]["train/loss"])
-    assert "train/teacher_nll" in out["metrics"]
-    assert (tmp_path / "samples").is_dir()
+    assert np.isfinite(out["metrics"]["train/teacher_nll"])
+    assert_teacher_nll_is_the_teachers_own_loss(c, tmp_path, str(DATA))
+    samples = (tmp_path / "samples" / "step_0000004.txt").read_text()
+    assert samples.count("=== step 4 K=") == 4  # 2 samples at each of K = 1, 4
 
 
 @pytest.fixture(scope="module")
@@ -482,6 +504,7 @@ def test_fineweb_gumbel_smoke(tiny_gpt2_dir: Path, tmp_path: Path, causal: bool)
     c.causal = causal
     out = _run(c, tmp_path / "run", str(DATA))
     assert np.isfinite(out["metrics"]["train/loss"])
+    assert_teacher_nll_is_the_teachers_own_loss(c, tmp_path / "run", str(DATA))
 
 
 def test_resume_refuses_another_conditioning_or_teacher(shakespeare_teacher_dir: Path, tmp_path: Path) -> None:
@@ -501,9 +524,27 @@ def test_resume_refuses_another_conditioning_or_teacher(shakespeare_teacher_dir:
 
     other_teacher = tmp_path / "other_teacher"
     shutil.copytree(shakespeare_teacher_dir, other_teacher)
-    _run(config(shakespeare_teacher_dir, "cross_attention"), tmp_path / "run", str(DATA))
+    first = config(shakespeare_teacher_dir, "cross_attention")
+    _run(first, tmp_path / "run", str(DATA))
+    assert_teacher_nll_is_the_teachers_own_loss(first, tmp_path / "run", str(DATA))
     with pytest.raises(ckpt.CheckpointMismatchError) as err:
         _run(config(other_teacher, "x0"), tmp_path / "run", str(DATA))
     text = str(err.value)
     assert "gumbel.conditioning: checkpoint has 'cross_attention', this run has 'x0'" in text
     assert f"teacher.checkpoint: checkpoint has {str(shakespeare_teacher_dir)!r}" in text
+
+
+def test_auto_chunk_is_sized_per_device(monkeypatch) -> None:
+    """The automatic Gumbel chunk bounds each device's [rows, C, V] temporaries: with the batch
+    split over 8 devices it is 8 times larger (fineweb_gumbel: micro-batch 64, context 1024,
+    V = 50257), so a step runs 32 sequential chunks instead of 256."""
+    from discreteflow_jax import sharding as shd
+
+    assert gmb.resolve_chunk(1024, 64, 50257, 0, shards=1) == 4
+    assert gmb.resolve_chunk(1024, 64, 50257, 0, shards=8) == 32
+    assert gmb.resolve_chunk(1024, 64, 50257, 16, shards=8) == 16  # an explicit chunk_size wins
+    assert gmb.resolve_chunk(1024, 60, 50257, 0, shards=8) == gmb.resolve_chunk(1024, 60, 50257, 0, shards=1)
+    # Without ``shards``: the batch axis of the mesh the step is traced under.
+    assert gmb.resolve_chunk(1024, 64, 50257) == 4
+    monkeypatch.setattr(shd, "axis_shards", lambda logical: 8 if logical == "batch" else 1)
+    assert gmb.resolve_chunk(1024, 64, 50257) == 32
