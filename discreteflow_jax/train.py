@@ -202,8 +202,9 @@ class Trainer:
         self.local_batch = cfg.train.batch_size // self.process_count
         self.tx = make_optimizer(cfg.train)
 
-        self.init_key = stream_key(cfg.seed, "init")
-        abstract_model = nnx.eval_shape(lambda: task.create_model(nnx.Rngs(self.init_key)))
+        # Keys are made inside eval_shape here (traced, not compiled): a bad shape below must be
+        # reported before anything compiles. The concrete keys come after the checks.
+        abstract_model = nnx.eval_shape(lambda: task.create_model(nnx.Rngs(stream_key(cfg.seed, "init"))))
         self.graphdef, abstract_params = nnx.split(abstract_model)
         abstract_params = nnx.to_pure_dict(abstract_params)
         abstract_state = jax.eval_shape(
@@ -231,6 +232,7 @@ class Trainer:
             shd.with_activation_mesh(build_eval_step(task, self.graphdef), self.mesh),
             in_shardings=(self.state_shardings.params, aux_sh, batch_sh, rep), out_shardings=rep,
         )
+        self.init_key = stream_key(cfg.seed, "init")
         self.base_key = stream_key(cfg.seed, "train")  # step s trains with fold_in(base_key, s)
         self.writer = MetricWriter(workdir, enabled=self.process_index == 0)
         self.ckpt = ckpt.manager(workdir, cfg.train.keep_checkpoints, clean_partial=True)

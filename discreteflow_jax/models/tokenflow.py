@@ -44,6 +44,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from discreteflow_jax.models.layers import (
@@ -208,9 +209,10 @@ class TokenFlow(nnx.Module):
         self.out_proj = linear(d, f, rngs=rngs) if narrow and cfg.tie_embeddings else None
         self.lm_head = None if cfg.tie_embeddings else linear(d, cfg.vocab_size, rngs=rngs)
         # Time warp: uniform bins, and a loss scale of log V (the loss of a uniform guess at t = 0).
-        warp = jnp.zeros((cfg.time_warp_bins + 1,), jnp.float32)
-        warp = warp.at[-1].set(math.log(math.log(cfg.vocab_size)) / TIME_WARP_GAIN)
-        self.time_warp = nnx.Param(warp) if cfg.time_warp_bins > 0 else None
+        # (numpy, not jnp: building a model must not compile anything, see the mesh checks)
+        warp = np.zeros((cfg.time_warp_bins + 1,), np.float32)
+        warp[-1] = math.log(math.log(cfg.vocab_size)) / TIME_WARP_GAIN
+        self.time_warp = nnx.Param(jnp.asarray(warp)) if cfg.time_warp_bins > 0 else None
 
     # -- embeddings -------------------------------------------------------------------------
     def embeddings(self) -> jax.Array:
