@@ -26,7 +26,7 @@ from flax import nnx
 
 from discreteflow_jax import flow
 from discreteflow_jax import synthetic as syn
-from discreteflow_jax.config import FlowConfig, TrainConfig
+from discreteflow_jax.config import DEFAULT_TIME_WARP_BINS, FlowConfig, TrainConfig
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
 from discreteflow_jax.train import make_optimizer
 
@@ -76,7 +76,7 @@ def build(settings: StudySettings, recipe: dict[str, Any]) -> tuple[TokenFlowCon
         section, name = dotted.split(".", 1)
         {"model": model_kw, "flow": flow_kw}[section][name] = value
     if flow_kw.get("time_sampler") == "learned":
-        model_kw.setdefault("time_warp_bins", 32)
+        model_kw.setdefault("time_warp_bins", DEFAULT_TIME_WARP_BINS)  # as parse_config does
     return TokenFlowConfig(**model_kw), FlowConfig(**flow_kw)
 
 
