@@ -28,7 +28,7 @@ def generated_nll(scorer, rows: np.ndarray, gen_mask: np.ndarray) -> float:
     import jax.numpy as jnp
 
     from discreteflow_jax.flow import cross_entropy
-    from discreteflow_jax.teacher import teacher_inputs
+    from discreteflow_jax.tasks.teacher import teacher_inputs
 
     model = scorer.model() if hasattr(scorer, "model") else scorer
     logits = model(teacher_inputs(jnp.asarray(rows), scorer.bos_id))
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
 
-    from discreteflow_jax import api
     from discreteflow_jax.data import make_dataset
+    from discreteflow_jax.inference import api
 
     model = api.load(args.workdir, args.data_dir)
     teacher = api.load(args.teacher, args.data_dir) if args.teacher else None

@@ -29,7 +29,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from discreteflow_jax import api, flow
+from discreteflow_jax import flow
+from discreteflow_jax.inference import api
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
 
 VOCAB, LENGTH = 11, 8

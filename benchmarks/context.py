@@ -1,5 +1,5 @@
 """Synthetic context benchmark: how much of the exact Bayes context gain each training recipe
-recovers (see ``discreteflow_jax.context_study`` for the numbers and ``synthetic`` for the tasks).
+recovers (see ``discreteflow_jax.evaluation.context_study`` for the numbers and ``synthetic`` for the tasks).
 
     python benchmarks/context.py --tasks=runs --recipes=original,token_time --steps=600 [--out=FILE]
 
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import emit_json  # noqa: E402
 
-from discreteflow_jax import context_study as cs  # noqa: E402
-from discreteflow_jax import synthetic as syn  # noqa: E402
+from discreteflow_jax.data import synthetic as syn  # noqa: E402
+from discreteflow_jax.evaluation import context_study as cs  # noqa: E402
 
 
 def markdown_table(paths: list[str]) -> str:

@@ -97,7 +97,7 @@ def device_memory_mib(device: Any) -> float | None:
 def build_config(name: str, args: argparse.Namespace, batch: int):
     import importlib.util
 
-    from discreteflow_jax.presets import set_fields
+    from discreteflow_jax.config.presets import set_fields
 
     spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(REPO, "configs", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
@@ -116,7 +116,7 @@ def random_gpt2_teacher(vocab: int, max_len: int, dtype: str, tiny: bool) -> Any
     from flax import nnx
 
     from discreteflow_jax.models.gpt2 import GPT2, GPT2Config
-    from discreteflow_jax.teacher import TeacherBundle
+    from discreteflow_jax.tasks.teacher import TeacherBundle
 
     sizes = {"dim": 32, "num_layers": 1, "num_heads": 2} if tiny else {}
     cfg = GPT2Config(vocab_size=vocab, max_len=max_len, dtype=dtype, **sizes)

@@ -28,10 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit_json  # noqa: E402
 from step_time import benchmark  # noqa: E402  (also defines --steps and --out)
 
-from discreteflow_jax.gumbel_task import add_gumbel_sections  # noqa: E402
+from discreteflow_jax.config.presets import tokenflow_defaults  # noqa: E402
 from discreteflow_jax.models.llama import Llama, LlamaConfig  # noqa: E402
-from discreteflow_jax.presets import tokenflow_defaults  # noqa: E402
-from discreteflow_jax.teacher import TeacherBundle  # noqa: E402
+from discreteflow_jax.tasks.gumbel import add_gumbel_sections  # noqa: E402
+from discreteflow_jax.tasks.teacher import TeacherBundle  # noqa: E402
 
 _DIM = flags.DEFINE_integer("dim", 512, "Student width.")
 _LAYERS = flags.DEFINE_integer("layers", 8, "Student blocks.")

@@ -64,10 +64,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import RandomTokens, compiled_stats, unchunked_gflops  # noqa: E402
 
-from discreteflow_jax import sharding as shd  # noqa: E402
 from discreteflow_jax.config import parse_config  # noqa: E402
+from discreteflow_jax.models import sharding as shd  # noqa: E402
 from discreteflow_jax.tasks import build_task  # noqa: E402
-from discreteflow_jax.train import Trainer  # noqa: E402
+from discreteflow_jax.training.trainer import Trainer  # noqa: E402
 
 _CONFIGS = flags.DEFINE_list("configs", ["fineweb_baseline", "fineweb_gumbel"], "configs/<name>.py to plan.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Simulated devices (read before JAX starts).")
@@ -101,7 +101,7 @@ def gpt2_teacher(vocab: int, max_len: int, dtype: str) -> Any:
     from flax import nnx
 
     from discreteflow_jax.models.gpt2 import GPT2, GPT2Config
-    from discreteflow_jax.teacher import TeacherBundle
+    from discreteflow_jax.tasks.teacher import TeacherBundle
 
     cfg = GPT2Config(vocab_size=vocab, max_len=max_len, dtype=dtype)
     graphdef, state = nnx.split(GPT2(cfg, rngs=nnx.Rngs(0)))
@@ -114,7 +114,7 @@ def llama_teacher(teacher_config: str, seq_len: int, dtype: str) -> Any:
     from flax import nnx
 
     from discreteflow_jax.models.llama import Llama, LlamaConfig
-    from discreteflow_jax.teacher import TeacherBundle
+    from discreteflow_jax.tasks.teacher import TeacherBundle
 
     section = dict(load_config(teacher_config).model)
     section.update(dtype=dtype, max_len=max(seq_len, section["max_len"]),

@@ -35,10 +35,10 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cpu_info, efficiency_fields, matmul_gflops  # noqa: E402
 
-from discreteflow_jax import sharding as shd
 from discreteflow_jax.config import parse_config
+from discreteflow_jax.models import sharding as shd
 from discreteflow_jax.tasks import build_task
-from discreteflow_jax.train import Trainer
+from discreteflow_jax.training.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step (0: compile only).")

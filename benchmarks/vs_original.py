@@ -278,7 +278,7 @@ def run_original(args: argparse.Namespace, kind: str) -> dict:
 
 def ours_config(args: argparse.Namespace, ffn_hidden: int):
     """configs/shakespeare_baseline.py at the benchmark's shape: the step training runs."""
-    from discreteflow_jax.presets import tokenflow_defaults
+    from discreteflow_jax.config.presets import tokenflow_defaults
 
     c = tokenflow_defaults()
     c.model.vocab_size, c.model.dim = args.vocab, args.dim
@@ -297,15 +297,15 @@ def run_ours(args: argparse.Namespace, kind: str, ffn_hidden: int) -> dict:
     from common import matmul_gflops
     from step_time import RandomTokens, unchunked_gflops
 
-    from discreteflow_jax import sharding as shd
     from discreteflow_jax.config import parse_config
+    from discreteflow_jax.models import sharding as shd
 
     rss_imports = peak_rss_mb()
     config = ours_config(args, ffn_hidden)
     cfg = parse_config(config)
     if kind == "step":
         from discreteflow_jax.tasks import build_task
-        from discreteflow_jax.train import Trainer
+        from discreteflow_jax.training.trainer import Trainer
 
         task = build_task(cfg)
         data = RandomTokens(cfg.model.vocab_size, cfg.data.seq_len)

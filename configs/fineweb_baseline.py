@@ -4,7 +4,7 @@ sample-10BT with the GPT-2 tokenizer, context 1024, 12 layers, 12 heads, dim 768
 Offline: --config.data.local_path=FILE_OR_DIR (parquet/jsonl with a `text` column).
 """
 
-from discreteflow_jax.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
+from discreteflow_jax.config.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
 
 VARIANTS = {
     "cpu": {

@@ -10,8 +10,8 @@ Variants: `:cpu` (context 64, small student, the full GPT-2 teacher: the teacher
 a few seconds per step on 2 cores) and `:smoke` (seconds, tests; point teacher.hf at a tiny model).
 """
 
-from discreteflow_jax.gumbel_task import add_gumbel_sections
-from discreteflow_jax.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
+from discreteflow_jax.config.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
+from discreteflow_jax.tasks.gumbel import add_gumbel_sections
 
 VARIANTS = {
     "cpu": {

@@ -4,7 +4,7 @@ Variants: `:cpu` trains in minutes on a 2-core CPU with visible learning (it sam
 spend more of the small batch at small t); `:smoke` runs in seconds (tests).
 """
 
-from discreteflow_jax.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
+from discreteflow_jax.config.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
 
 VARIANTS = {
     "cpu": {

@@ -10,8 +10,8 @@ ffn 1024, context 64) into a student of the `shakespeare_baseline.py:cpu` shape;
 tests) distills the `:smoke` teacher.
 """
 
-from discreteflow_jax.gumbel_task import add_gumbel_sections
-from discreteflow_jax.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
+from discreteflow_jax.config.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
+from discreteflow_jax.tasks.gumbel import add_gumbel_sections
 
 VARIANTS = {
     "cpu": {

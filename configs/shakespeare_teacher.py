@@ -6,7 +6,7 @@ Variants: `:cpu` (minutes on a 2-core CPU) and `:smoke` (seconds, tests).
 
 import ml_collections
 
-from discreteflow_jax.presets import apply_variant, tokenflow_defaults
+from discreteflow_jax.config.presets import apply_variant, tokenflow_defaults
 
 VARIANTS = {
     "cpu": {

@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 _API = {
-    "load": "discreteflow_jax.api",
-    "TokenFlowModel": "discreteflow_jax.api",
-    "TeacherModel": "discreteflow_jax.api",
-    "LoadError": "discreteflow_jax.api",
-    "continue_prefixes": "discreteflow_jax.api",
+    "load": "discreteflow_jax.inference.api",
+    "TokenFlowModel": "discreteflow_jax.inference.api",
+    "TeacherModel": "discreteflow_jax.inference.api",
+    "LoadError": "discreteflow_jax.inference.api",
+    "continue_prefixes": "discreteflow_jax.inference.api",
     "export_model": "discreteflow_jax.export",
 }
 

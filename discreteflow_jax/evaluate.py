@@ -14,7 +14,7 @@ Conventions (those of the diffusion/flow LM literature, so numbers are comparabl
   Each sample is cut at its first EOS (the EOS and everything after it are not scored). When the
   sampler and the scorer share a tokenizer, the token ids are scored directly; otherwise the text is
   re-tokenized with the scorer's tokenizer. The scorer reads ``[BOS] + ids[:-1]`` and predicts every
-  id (the teacher convention of ``discreteflow_jax.teacher``); a sample longer than the scorer's
+  id (the teacher convention of ``discreteflow_jax.tasks.teacher``); a sample longer than the scorer's
   context is scored in consecutive windows, each starting again from BOS.
 * **Entropy** = unigram entropy (nats) of each sample's own token counts, averaged over samples.
   Low entropy exposes repetitive text that fools Gen-PPL. Real validation windows of the same
@@ -24,7 +24,7 @@ Conventions (those of the diffusion/flow LM literature, so numbers are comparabl
 * Validation loss: each model's own training objective on the validation windows training uses.
 
 The sweep itself (teachers as reference lines, fixed seeds, common length, cached cells) lives in
-``discreteflow_jax.sweep``.
+``discreteflow_jax.evaluation.sweep``.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ class Scorer:
         """
         path = os.path.expanduser(spec)
         if os.path.isdir(os.path.join(path, "checkpoints")) or _is_export(path):
-            from discreteflow_jax import api
+            from discreteflow_jax.inference import api
 
             model = api.load(path, data_dir)
             if not isinstance(model, api.TeacherModel):
@@ -171,7 +171,7 @@ class Scorer:
                 )
             return cls(model.module, model.tokenizer, bos_id=model.bos_id, name=f"{spec} (step {model.step})",
                        batch_size=batch_size)
-        from discreteflow_jax.convert import load_hf_checkpoint
+        from discreteflow_jax.io.hf import load_hf_checkpoint
         from discreteflow_jax.models.gpt2 import GPT2
 
         try:
@@ -315,7 +315,7 @@ def validation_loss(model: Any, dataset: Any) -> dict[str, float]:
     """The validation metrics training logs (same windows, same eval key): flow loss and its
     t-buckets for flow models, next-token loss and perplexity for teachers."""
     from discreteflow_jax.tasks import build_task
-    from discreteflow_jax.train import stream_key, validation_batches
+    from discreteflow_jax.training.trainer import stream_key, validation_batches
 
     cfg = model.config
     task = build_task(cfg)
@@ -377,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from discreteflow_jax.api import LoadError
-    from discreteflow_jax.experiment import USER_ERRORS
-    from discreteflow_jax.sweep import SweepSettings, markdown_tables, parse_models, run_sweep
+    from discreteflow_jax.evaluation.sweep import SweepSettings, markdown_tables, parse_models, run_sweep
+    from discreteflow_jax.inference.api import LoadError
+    from discreteflow_jax.training.experiment import USER_ERRORS
 
     settings = SweepSettings(
         steps=args.steps, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,

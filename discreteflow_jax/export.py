@@ -151,15 +151,15 @@ def export_model(model: Any, out_dir: str, data_dir: str | None = None) -> str:
     """Writes a loaded model (``discreteflow_jax.load(...)``) to ``out_dir``; returns out_dir."""
     from safetensors.numpy import save_file
 
-    from discreteflow_jax.api import TeacherModel, TokenFlowModel
+    from discreteflow_jax.inference.api import TeacherModel, TokenFlowModel
 
     os.makedirs(out_dir, exist_ok=True)
-    from discreteflow_jax.api import tokenizer_folder
+    from discreteflow_jax.inference.api import tokenizer_folder
 
     cfg = model.config
     files = _copy_tokenizer(cfg.data.tokenizer, tokenizer_folder(cfg, data_dir, model.source), out_dir)
     if isinstance(model, TeacherModel):
-        from discreteflow_jax.convert import export_llama_to_hf
+        from discreteflow_jax.io.hf import export_llama_to_hf
 
         module = model.module
         top_tokenizer = os.path.join(out_dir, files[0]) if files and cfg.data.tokenizer == "llama" else None
@@ -178,7 +178,7 @@ def export_model(model: Any, out_dir: str, data_dir: str | None = None) -> str:
     weights = os.path.join(out_dir, WEIGHTS_FILE)
     save_file(flatten_params(model.params), weights, metadata={"format": "np"})
     os.chmod(weights, 0o644)  # safetensors creates it owner-only; an export is meant to be shared
-    from discreteflow_jax.api import model_config
+    from discreteflow_jax.inference.api import model_config
 
     meta = _meta(model.kind, dataclasses.asdict(model_config(cfg)), cfg, model.step, model.tokenizer, files)
     _write_json(os.path.join(out_dir, CONFIG_FILE), meta)
@@ -187,7 +187,7 @@ def export_model(model: Any, out_dir: str, data_dir: str | None = None) -> str:
 
 def export_workdir(workdir: str, out_dir: str, data_dir: str | None = None, step: int | None = None) -> str:
     """Exports a workdir's newest checkpoint (or ``step``)."""
-    from discreteflow_jax.api import load
+    from discreteflow_jax.inference.api import load
 
     return export_model(load(workdir, data_dir, step=step), out_dir, data_dir)
 
@@ -244,13 +244,13 @@ def load_export(path: str, data_dir: str | None = None) -> Any:
     """Loads an export directory (see the module docstring) as a TokenFlowModel or TeacherModel."""
     from safetensors.numpy import load_file
 
-    from discreteflow_jax.api import TeacherModel, TokenFlowModel, _config_from_raw, abstract_tokenflow
+    from discreteflow_jax.inference.api import TeacherModel, TokenFlowModel, _config_from_raw, abstract_tokenflow
 
     meta = read_export_config(path)
     cfg = _config_from_raw(meta["training_config"])
     tokenizer = _export_tokenizer(meta, path, data_dir)
     if meta["kind"] == "llama":
-        from discreteflow_jax.convert import load_hf_checkpoint
+        from discreteflow_jax.io.hf import load_hf_checkpoint
 
         module, _ = load_hf_checkpoint(path, dtype=cfg.model.dtype)
         return TeacherModel(cfg, module, tokenizer, path, meta.get("step"))
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from discreteflow_jax.experiment import USER_ERRORS
+    from discreteflow_jax.training.experiment import USER_ERRORS
 
     try:
         out = export_workdir(args.workdir, args.out, args.data_dir, args.step)

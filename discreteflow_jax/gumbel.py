@@ -45,7 +45,7 @@ from flax import nnx
 from discreteflow_jax import flow
 from discreteflow_jax.config import ConfigError
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
-from discreteflow_jax.teacher import teacher_inputs  # [BOS] + x[:-1]: output i predicts x_i
+from discreteflow_jax.tasks.teacher import teacher_inputs  # [BOS] + x[:-1]: output i predicts x_i
 
 CONDITIONINGS = ("x0", "cross_attention")
 SOURCES = ("data_posterior", "teacher_sample")
@@ -252,7 +252,7 @@ def resolve_chunk(seq_len: int, batch: int, vocab: int, chunk_size: int = 0, sha
     the global batch would run many more sequential chunks per step than memory requires.
     """
     if shards is None:
-        from discreteflow_jax.sharding import axis_shards
+        from discreteflow_jax.models.sharding import axis_shards
 
         shards = axis_shards("batch")
     rows = batch // shards if shards > 0 and batch % shards == 0 else batch

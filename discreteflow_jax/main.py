@@ -18,7 +18,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from discreteflow_jax import experiment
+from discreteflow_jax.training import experiment
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/shakespeare_baseline.py or configs/…py:cpu", lock_config=True

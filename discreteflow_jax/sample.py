@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=None, help="text with blanks (___) to fill in (flow models only)")
     p.add_argument("--blank_length", type=int, default=None, help="tokens per blank of --template")
     p.add_argument("--condition", default="clamp", choices=["clamp", "path"],
-                   help="how a flow model holds known tokens (see discreteflow_jax.api)")
+                   help="how a flow model holds known tokens (see discreteflow_jax.inference.api)")
     p.add_argument("--length", type=int, default=0, help="tokens per sample (0: the training context)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: the newest)")
     p.add_argument("--data_dir", default=None, help="offline data folder holding the tokenizer files")
@@ -85,7 +85,7 @@ def default_out(args: argparse.Namespace, steps: int | None) -> str:
 def sample_texts(model: Any, args: argparse.Namespace) -> tuple[list[str], int | None]:
     """Draws the samples in batches; returns (texts, the K used or None for a teacher)."""
     from discreteflow_jax.evaluate import is_autoregressive
-    from discreteflow_jax.sweep import batch_seed, natural_length
+    from discreteflow_jax.evaluation.sweep import batch_seed, natural_length
 
     kwargs: dict[str, Any] = {"prompt": args.prompt, "template": args.template}
     if args.blank_length is not None:
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from discreteflow_jax import api
-    from discreteflow_jax.experiment import USER_ERRORS
+    from discreteflow_jax.inference import api
+    from discreteflow_jax.training.experiment import USER_ERRORS
 
     try:
         check_args(args)

@@ -98,7 +98,7 @@ class ByteTokenizer:
 
 def build(task_name: str, layout: str, extra: dict | None = None):
     from discreteflow_jax.config import parse_config
-    from discreteflow_jax.presets import set_fields
+    from discreteflow_jax.config.presets import set_fields
     from discreteflow_jax.tasks import build_task
 
     if task_name == "tokenflow":
@@ -120,7 +120,7 @@ def random_teacher(vocab: int, seq_len: int):
     from flax import nnx
 
     from discreteflow_jax.models.llama import Llama, LlamaConfig
-    from discreteflow_jax.teacher import _bundle
+    from discreteflow_jax.tasks.teacher import _bundle
 
     config = LlamaConfig(vocab_size=vocab, dim=32, num_layers=1, num_heads=2, ffn_hidden=64, max_len=seq_len,
                          bos_id=1, eos_id=2)
@@ -132,8 +132,8 @@ def train_steps(task_name: str, layout: str, steps: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from discreteflow_jax import sharding as shd
-    from discreteflow_jax.train import Trainer
+    from discreteflow_jax.models import sharding as shd
+    from discreteflow_jax.training.trainer import Trainer
 
     cfg, task = build(task_name, layout)
     data = SyntheticTokens(cfg.model.vocab_size, cfg.data.seq_len, cfg.train.batch_size)
@@ -171,7 +171,7 @@ def count_compiles():
 
 def bad_inputs() -> dict:
     """Each bad input must raise a readable error from the Trainer constructor, before any compile."""
-    from discreteflow_jax.train import Trainer
+    from discreteflow_jax.training.trainer import Trainer
 
     cases = {
         "mesh_product": ("2x3x1", {}),
@@ -198,7 +198,7 @@ def full_run(task_name: str, layout: str, workdir: str, runs: list[int], every: 
     num_steps), each a fresh Trainer on the same workdir, so every run after the first resumes."""
     import jax
 
-    from discreteflow_jax.train import Trainer
+    from discreteflow_jax.training.trainer import Trainer
 
     results = []
     for num_steps in runs:
@@ -235,7 +235,7 @@ def main() -> None:
 
     import jax
 
-    from discreteflow_jax import distributed
+    from discreteflow_jax.training import distributed
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process CPU collectives
     distributed.initialize("auto", args.coordinator_address, args.num_processes, args.process_id)
@@ -245,7 +245,7 @@ def main() -> None:
     elif args.mode == "errors":
         result = bad_inputs()
     elif args.mode == "config_mismatch":
-        from discreteflow_jax.train import Trainer
+        from discreteflow_jax.training.trainer import Trainer
 
         lr = 1e-3 * (1 + jax.process_index())  # process 1 is launched "with a different flag"
         cfg, task = build(args.task, "8x1x1", {"train.lr": lr})

@@ -15,9 +15,10 @@ from conftest import load_config
 from flax import nnx
 
 import discreteflow_jax as dfj
-from discreteflow_jax import api, export, flow
+from discreteflow_jax import export, flow
 from discreteflow_jax.config import parse_config
 from discreteflow_jax.data.tokenizers import Tokenizer, load_tokenizer
+from discreteflow_jax.inference import api
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -287,10 +288,10 @@ def test_flow_loss_with_known_positions_keeps_them_clean_and_unscored():
 
 
 def test_gumbel_task_trains_with_known_positions():
-    from discreteflow_jax.gumbel_task import add_gumbel_sections, gumbel_task
+    from discreteflow_jax.config.presets import tokenflow_defaults
     from discreteflow_jax.models.llama import Llama, LlamaConfig
-    from discreteflow_jax.presets import tokenflow_defaults
-    from discreteflow_jax.teacher import TeacherBundle
+    from discreteflow_jax.tasks.gumbel import add_gumbel_sections, gumbel_task
+    from discreteflow_jax.tasks.teacher import TeacherBundle
 
     c = add_gumbel_sections(tokenflow_defaults())
     c.model.vocab_size, c.model.dim, c.model.num_layers, c.model.num_heads, c.model.max_len = 40, 16, 1, 2, 8
@@ -359,8 +360,8 @@ def _logits(model: api.TokenFlowModel) -> np.ndarray:
 
 
 def test_workdir_loads_in_one_call(tmp_path, data_dir):
-    from discreteflow_jax import checkpoint as ckpt
-    from discreteflow_jax.train import TrainState, make_optimizer
+    from discreteflow_jax.io import checkpoint as ckpt
+    from discreteflow_jax.training.trainer import TrainState, make_optimizer
 
     model = _llama_flow(data_dir)
     tx = make_optimizer(model.config.train)
@@ -506,9 +507,9 @@ def test_dataclass_configs_are_plain_json():
 
 def _save_teacher_checkpoints(workdir: str, data_dir: str, steps: tuple[int, ...]) -> tuple[dict, dict]:
     """A teacher workdir holding one checkpoint per step, each with different parameters."""
-    from discreteflow_jax import checkpoint as ckpt
+    from discreteflow_jax.io import checkpoint as ckpt
     from discreteflow_jax.models.llama import Llama
-    from discreteflow_jax.train import TrainState, make_optimizer
+    from discreteflow_jax.training.trainer import TrainState, make_optimizer
 
     c = load_config("shakespeare_teacher")
     c.data.data_dir = data_dir
@@ -536,12 +537,12 @@ def test_teacher_workdir_loads_the_step_asked_for(tmp_path, data_dir):
         assert loaded.step == want
         np.testing.assert_allclose(loaded.module(tokens), modules[want](tokens), rtol=1e-6, atol=1e-6)
     assert not np.allclose(modules[2](tokens), modules[4](tokens))
-    from discreteflow_jax import checkpoint as ckpt
+    from discreteflow_jax.io import checkpoint as ckpt
 
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint of step 3; the steps kept there are: 4, 2"):
         dfj.load(workdir, step=3)
     from discreteflow_jax.config import ConfigError
-    from discreteflow_jax.teacher import load_teacher
+    from discreteflow_jax.tasks.teacher import load_teacher
 
     assert load_teacher({"checkpoint": workdir, "step": 2}).step == 2
     with pytest.raises(ConfigError, match="no checkpoint of step 3"):
@@ -562,7 +563,7 @@ def test_teacher_default_length_fits_the_bos_slot(tmp_path, data_dir):
 
 def _gumbel_flow_and_teacher(conditioning: str) -> tuple[api.TokenFlowModel, object]:
     from discreteflow_jax.models.llama import Llama, LlamaConfig
-    from discreteflow_jax.teacher import TeacherBundle
+    from discreteflow_jax.tasks.teacher import TeacherBundle
 
     tok = CharTokenizer()
     c = load_config("shakespeare_baseline")

@@ -7,10 +7,10 @@ import importlib.util
 import pytest
 from conftest import REPO, load_config
 
-from discreteflow_jax import experiment
 from discreteflow_jax.config import ConfigError, parse_config
+from discreteflow_jax.config.presets import set_fields
 from discreteflow_jax.data import DataError
-from discreteflow_jax.presets import set_fields
+from discreteflow_jax.training import experiment
 
 CONFIG_FILES = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
 

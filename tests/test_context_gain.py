@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 
 from discreteflow_jax import flow
-from discreteflow_jax.metrics import format_progress
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
 from discreteflow_jax.tasks import context_gain_sums, summarize_flow
+from discreteflow_jax.training.metrics import format_progress
 
 VOCAB, SEQ, BATCH, BUCKETS = 50, 6, 4, 5
 

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from discreteflow_jax import flow
-from discreteflow_jax import synthetic as syn
+from discreteflow_jax.data import synthetic as syn
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 from conftest import load_config
 
-from discreteflow_jax import context_study as cs
-from discreteflow_jax import synthetic as syn
-from discreteflow_jax.presets import CONTEXT_RECIPE, ORIGINAL_RECIPE
+from discreteflow_jax.config.presets import CONTEXT_RECIPE, ORIGINAL_RECIPE
+from discreteflow_jax.data import synthetic as syn
+from discreteflow_jax.evaluation import context_study as cs
 
 SETTINGS = cs.StudySettings(vocab_size=512, dim=64, num_layers=2, num_heads=2, seq_len=32, batch_size=32, steps=400)
 TIMES = (0.1, 0.15, 0.2, 0.25, 0.3)

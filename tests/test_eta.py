@@ -9,11 +9,11 @@ import jax
 import pytest
 from conftest import load_config
 
-from discreteflow_jax import experiment
-from discreteflow_jax.metrics import eta_seconds, evaluations_left
-from discreteflow_jax.presets import set_fields
+from discreteflow_jax.config.presets import set_fields
 from discreteflow_jax.tasks import build_task
-from discreteflow_jax.train import Trainer
+from discreteflow_jax.training import experiment
+from discreteflow_jax.training.metrics import eta_seconds, evaluations_left
+from discreteflow_jax.training.trainer import Trainer
 
 
 def test_evaluations_left_matches_the_loop():

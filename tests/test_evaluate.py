@@ -129,8 +129,8 @@ def test_different_tokenizers_are_bridged_through_text():
 
 def test_scorer_from_a_hugging_face_directory(tmp_path, data_dir):
     """A converted HF LLaMA directory scores exactly like the module it was written from."""
-    from discreteflow_jax.convert import export_llama_to_hf
     from discreteflow_jax.data import load_tokenizer
+    from discreteflow_jax.io.hf import export_llama_to_hf
 
     config = LlamaConfig(vocab_size=32000, dim=16, num_layers=1, num_heads=2, ffn_hidden=32, max_len=32,
                          bos_id=1, eos_id=2, dtype="bfloat16")
@@ -177,9 +177,9 @@ def test_self_scored_perplexity_matches_entropy():
 
 
 def _save_random_workdir(config_name: str, workdir: str, data_dir: str, **overrides: str) -> None:
-    from discreteflow_jax import experiment
     from discreteflow_jax.tasks import build_task
-    from discreteflow_jax.train import Trainer
+    from discreteflow_jax.training import experiment
+    from discreteflow_jax.training.trainer import Trainer
 
     config = load_config(config_name, "smoke")
     for dotted, value in overrides.items():
@@ -275,7 +275,7 @@ def test_sample_cli_errors_are_readable(tmp_path, workdirs, capsys):
 
 
 def test_gen_ppl_through_the_python_api(workdirs):
-    from discreteflow_jax import api
+    from discreteflow_jax.inference import api
 
     teacher = api.load(workdirs["teacher"], workdirs["data"])
     flow_model = api.load(workdirs["flow"], workdirs["data"])

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config
 
-from discreteflow_jax import api, experiment
-from discreteflow_jax import checkpoint as ckpt
-from discreteflow_jax.presets import set_fields
+from discreteflow_jax.config.presets import set_fields
+from discreteflow_jax.inference import api
+from discreteflow_jax.io import checkpoint as ckpt
+from discreteflow_jax.training import experiment
 
 STEPS = 9  # checkpoints at steps 3, 6 and 9
 
@@ -244,7 +245,7 @@ def test_cli_reports_damaged_run_without_traceback(trained, tmp_path, data_dir):
 @pytest.fixture
 def no_training(monkeypatch):
     """Fails the test if the run gets as far as building the trainer (and compiling)."""
-    from discreteflow_jax import train
+    from discreteflow_jax.training import trainer as train
 
     def reached(*args, **kwargs):
         raise AssertionError("the input was accepted: the run reached the trainer")
@@ -292,10 +293,10 @@ def test_teacher_with_another_tokenizer_is_refused():
     from flax import nnx
 
     from discreteflow_jax.config import ConfigError, parse_config
-    from discreteflow_jax.gumbel_task import add_gumbel_sections, gumbel_task
+    from discreteflow_jax.config.presets import tokenflow_defaults
     from discreteflow_jax.models.llama import Llama, LlamaConfig
-    from discreteflow_jax.presets import tokenflow_defaults
-    from discreteflow_jax.teacher import _bundle
+    from discreteflow_jax.tasks.gumbel import add_gumbel_sections, gumbel_task
+    from discreteflow_jax.tasks.teacher import _bundle
 
     vocab = 64
     llama = Llama(LlamaConfig(vocab_size=vocab, dim=16, num_layers=1, num_heads=2, ffn_hidden=32, max_len=32,
@@ -320,7 +321,7 @@ def tiny_llama_hf(out: str, shards: int = 1) -> dict[str, np.ndarray]:
     from flax import nnx
     from safetensors.numpy import save_file
 
-    from discreteflow_jax import convert
+    from discreteflow_jax.io import hf as convert
     from discreteflow_jax.models.llama import Llama, LlamaConfig
 
     config = LlamaConfig(vocab_size=64, dim=16, num_layers=2, num_heads=2, ffn_hidden=32, max_len=32, bos_id=1)
@@ -341,7 +342,7 @@ def tiny_llama_hf(out: str, shards: int = 1) -> dict[str, np.ndarray]:
 
 
 def test_hf_directory_with_a_missing_shard_names_it_and_its_tensors(tmp_path):
-    from discreteflow_jax import convert
+    from discreteflow_jax.io import hf as convert
 
     out = str(tmp_path / "hf")
     tensors = tiny_llama_hf(out, shards=3)
@@ -357,7 +358,7 @@ def test_hf_directory_with_a_missing_shard_names_it_and_its_tensors(tmp_path):
     assert f"{os.path.join(out, lost)} (holds {len(held)} tensors: {held[0]}" in message
     assert len(held) < len(tensors)
     # The same directory as a Gumbel teacher: a message from the run, not a traceback.
-    from discreteflow_jax.teacher import load_teacher
+    from discreteflow_jax.tasks.teacher import load_teacher
 
     with pytest.raises(experiment.USER_ERRORS, match="missing"):
         load_teacher({"hf": out})
@@ -366,7 +367,7 @@ def test_hf_directory_with_a_missing_shard_names_it_and_its_tensors(tmp_path):
 def test_hf_tensor_of_wrong_dtype_or_shape_names_file_and_tensor(tmp_path):
     from safetensors.numpy import save_file
 
-    from discreteflow_jax import convert
+    from discreteflow_jax.io import hf as convert
 
     out = str(tmp_path / "hf")
     tensors = tiny_llama_hf(out)
@@ -392,7 +393,7 @@ def test_hf_tensor_of_wrong_dtype_or_shape_names_file_and_tensor(tmp_path):
 
 
 def test_hf_truncated_weights_file_is_named(tmp_path):
-    from discreteflow_jax import convert
+    from discreteflow_jax.io import hf as convert
 
     out = str(tmp_path / "hf")
     tiny_llama_hf(out)

@@ -20,12 +20,12 @@ from flax import nnx
 from discreteflow_jax import flow
 from discreteflow_jax import gumbel as gmb
 from discreteflow_jax.config import ConfigError, parse_config
-from discreteflow_jax.gumbel_task import add_gumbel_sections, gumbel_task
+from discreteflow_jax.config.presets import tokenflow_defaults
 from discreteflow_jax.models.gpt2 import GPT2, GPT2Config
 from discreteflow_jax.models.llama import Llama, LlamaConfig
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
-from discreteflow_jax.presets import tokenflow_defaults
-from discreteflow_jax.teacher import TeacherBundle
+from discreteflow_jax.tasks.gumbel import add_gumbel_sections, gumbel_task
+from discreteflow_jax.tasks.teacher import TeacherBundle
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -423,7 +423,7 @@ def test_sampler_any_k_deterministic_and_noise_temperature(conditioning: str, st
 
 
 def _run(config: ml_collections.ConfigDict, workdir: Path, data_dir: str | None = None) -> dict:
-    from discreteflow_jax import experiment
+    from discreteflow_jax.training import experiment
 
     return experiment.run(config, str(workdir), data_dir=data_dir)
 
@@ -432,9 +432,9 @@ def assert_teacher_nll_is_the_teachers_own_loss(config: ml_collections.ConfigDic
                                                data_dir: str | None) -> None:
     """The teacher NLL the Gumbel validation logs is the teacher's own next-token loss on the same
     validation windows (the step's teacher pass feeds [BOS] + x[:-1], exactly like the teacher's)."""
-    from discreteflow_jax import experiment
-    from discreteflow_jax.teacher import load_teacher, next_token_sums
-    from discreteflow_jax.train import validation_batches
+    from discreteflow_jax.tasks.teacher import load_teacher, next_token_sums
+    from discreteflow_jax.training import experiment
+    from discreteflow_jax.training.trainer import validation_batches
 
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     logged = [x for x in lines if "val/teacher_nll" in x][-1]["val/teacher_nll"]
@@ -476,7 +476,7 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random GPT-2 with the real 50257-token vocabulary, saved as a Hugging Face directory."""
     from safetensors.numpy import save_file
 
-    from discreteflow_jax.convert import params_to_hf
+    from discreteflow_jax.io.hf import params_to_hf
 
     cfg = GPT2Config(vocab_size=50257, dim=32, num_layers=2, num_heads=2, max_len=32)
     model = GPT2(cfg, rngs=nnx.Rngs(0))
@@ -512,7 +512,7 @@ def test_resume_refuses_another_conditioning_or_teacher(shakespeare_teacher_dir:
     teacher checkpoint is refused with the fields listed, before anything is restored."""
     import shutil
 
-    from discreteflow_jax import checkpoint as ckpt
+    from discreteflow_jax.io import checkpoint as ckpt
 
     def config(teacher: Path, conditioning: str) -> ml_collections.ConfigDict:
         c = _config("shakespeare_gumbel")
@@ -538,7 +538,7 @@ def test_auto_chunk_is_sized_per_device(monkeypatch) -> None:
     """The automatic Gumbel chunk bounds each device's [rows, C, V] temporaries: with the batch
     split over 8 devices it is 8 times larger (fineweb_gumbel: micro-batch 64, context 1024,
     V = 50257), so a step runs 32 sequential chunks instead of 256."""
-    from discreteflow_jax import sharding as shd
+    from discreteflow_jax.models import sharding as shd
 
     assert gmb.resolve_chunk(1024, 64, 50257, 0, shards=1) == 4
     assert gmb.resolve_chunk(1024, 64, 50257, 0, shards=8) == 32

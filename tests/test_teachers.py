@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from discreteflow_jax import convert
+from discreteflow_jax.io import hf as convert
 from discreteflow_jax.models.generate import generate, sample_logits
 from discreteflow_jax.models.gpt2 import GPT2, GPT2Config
 from discreteflow_jax.models.llama import Llama, LlamaConfig

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config
 
-from discreteflow_jax import checkpoint as ckpt
-from discreteflow_jax import experiment
-from discreteflow_jax.presets import set_fields
+from discreteflow_jax.config.presets import set_fields
+from discreteflow_jax.io import checkpoint as ckpt
 from discreteflow_jax.tasks import build_task
-from discreteflow_jax.train import Trainer, TrainingDivergedError
+from discreteflow_jax.training import experiment
+from discreteflow_jax.training.trainer import Trainer, TrainingDivergedError
 
 
 def smoke(**overrides):
@@ -65,7 +65,7 @@ def test_train_resume_and_sample(tmp_path, data_dir, monkeypatch):
     _, _, dataset = experiment.prepare(smoke(**{"train.num_steps": 6}), data_dir)
     assert validation_loss(model, dataset)["loss"] == pytest.approx(evals[6]["val/loss"], rel=1e-5)
     # The samples written at step 6 are the saved model's samples from the sampling stream.
-    from discreteflow_jax.train import stream_key
+    from discreteflow_jax.training.trainer import stream_key
 
     written = open(os.path.join(workdir, "samples", "step_0000006.txt")).read()
     task = build_task(model.config)
@@ -83,7 +83,7 @@ def test_interrupted_run_matches_uninterrupted(tmp_path, data_dir, monkeypatch):
     straight = experiment.run(smoke(), str(tmp_path / "a"), data_dir=data_dir)
 
     # Stop after step 2 (not a checkpoint step) through the preemption path, then rerun.
-    from discreteflow_jax import distributed as dist
+    from discreteflow_jax.training import distributed as dist
 
     real = dist.PreemptionGuard.should_stop
     monkeypatch.setattr(dist.PreemptionGuard, "should_stop", lambda self, step: step == 2)
@@ -172,7 +172,7 @@ def test_gumbel_and_teacher_fields_are_identity():
 
 
 def test_default_evaluation_reads_each_validation_window_once(data_dir, caplog):
-    from discreteflow_jax.train import validation_batches
+    from discreteflow_jax.training.trainer import validation_batches
 
     cfg, _, dataset = experiment.prepare(load_config("shakespeare_baseline", None), data_dir)
     with caplog.at_level("WARNING"):
@@ -189,7 +189,7 @@ def test_default_evaluation_reads_each_validation_window_once(data_dir, caplog):
 
 def test_logged_train_metrics_average_the_logging_window():
     from discreteflow_jax.tasks import summarize_flow
-    from discreteflow_jax.train import Task, window_metrics
+    from discreteflow_jax.training.trainer import Task, window_metrics
 
     task = Task("t", None, None, None, lambda sums, prefix: summarize_flow(sums, prefix, 2))
     steps = [  # two steps with different token counts: the window loss is token-weighted
@@ -212,7 +212,7 @@ def test_grad_accumulation_equals_one_big_batch():
 
     from discreteflow_jax.config import TrainConfig
     from discreteflow_jax.flow import cross_entropy
-    from discreteflow_jax.train import Task, TrainState, build_train_step, make_optimizer
+    from discreteflow_jax.training.trainer import Task, TrainState, build_train_step, make_optimizer
 
     vocab = 11
 

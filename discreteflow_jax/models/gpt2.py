@@ -1,6 +1,6 @@
 """GPT-2: learned position embeddings, pre-norm LayerNorm with bias, tanh-GELU MLP, biased attention,
 head tied to the token embedding. Weights come from the Hugging Face checkpoint via
-``discreteflow_jax.convert``. Parameter paths:
+``discreteflow_jax.io.hf``. Parameter paths:
 
     wte.embedding                             [V, D]
     wpe.embedding                             [max_len, D]

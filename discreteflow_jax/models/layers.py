@@ -4,7 +4,7 @@ All modules are Flax NNX. Parameters are kept in ``param_dtype`` (fp32 by defaul
 the computation runs in ``dtype`` (fp32 or bf16). Softmaxes inside attention run in fp32.
 
 Parameter names are part of the public contract: the logical-axis rules in
-``discreteflow_jax.sharding`` and the Hugging Face conversion table refer to them.
+``discreteflow_jax.models.sharding`` and the Hugging Face conversion table refer to them.
 """
 
 from __future__ import annotations

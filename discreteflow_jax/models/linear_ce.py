@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from discreteflow_jax.sharding import axis_shards, constrain
+from discreteflow_jax.models.sharding import axis_shards, constrain
 
 # Layout of a weight matrix: "vk" = [V, K] (the embedding table), "kv" = [K, V] (a linear kernel).
 LAYOUTS = ("vk", "kv")

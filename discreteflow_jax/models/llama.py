@@ -1,7 +1,7 @@
 """LLaMA-style decoder: pre-norm RMSNorm, RoPE, SwiGLU, causal (optionally grouped-query) attention.
 
 Used as the Shakespeare teacher (trained from scratch) and as the target of the Hugging Face
-LLaMA converter in ``discreteflow_jax.convert``. Parameter paths (the conversion table refers to them):
+LLaMA converter in ``discreteflow_jax.io.hf``. Parameter paths (the conversion table refers to them):
 
     embed.embedding                         [V, D]
     layers.{i}.attn_norm.scale              [D]

@@ -57,7 +57,7 @@ from discreteflow_jax.models.layers import (
     truncated_normal_init,
 )
 from discreteflow_jax.models.linear_ce import cross_entropy, linear_cross_entropy
-from discreteflow_jax.sharding import constrain
+from discreteflow_jax.models.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "full", "save_dots")

@@ -12,7 +12,7 @@ from flax import nnx
 from discreteflow_jax import flow
 from discreteflow_jax.config import ExperimentConfig
 from discreteflow_jax.models.tokenflow import TokenFlow
-from discreteflow_jax.train import Task
+from discreteflow_jax.training.trainer import Task
 
 
 def bucket_edges(num_buckets: int) -> list[str]:
@@ -134,13 +134,13 @@ def tokenflow_task(cfg: ExperimentConfig) -> Task:
 
 
 def _teacher_task(cfg: ExperimentConfig, **kwargs: Any) -> Task:
-    from discreteflow_jax.teacher import teacher_task
+    from discreteflow_jax.tasks.teacher import teacher_task
 
     return teacher_task(cfg, **kwargs)
 
 
 def _gumbel_task(cfg: ExperimentConfig, **kwargs: Any) -> Task:
-    from discreteflow_jax.gumbel_task import gumbel_task
+    from discreteflow_jax.tasks.gumbel import gumbel_task
 
     return gumbel_task(cfg, **kwargs)
 

@@ -460,7 +460,7 @@ class TokenFlowModel:
 
     def _scoring_teacher(self, teacher: Any) -> tuple[nnx.Module, int]:
         """The teacher module a Gumbel model is scored with, checked against this model up front."""
-        from discreteflow_jax.teacher import TeacherBundle, load_teacher
+        from discreteflow_jax.tasks.teacher import TeacherBundle, load_teacher
 
         section = dict(self.config.extra.get("teacher") or {})
         how = ("pass teacher= (the teacher it was distilled from: a model from discreteflow_jax.load(TEACHER_WORKDIR), "
@@ -628,7 +628,7 @@ class TeacherModel:
     def score(self, texts: Sequence[str]) -> dict[str, float]:
         """Next-token loss and perplexity of the texts (windows of the context, BOS first)."""
         from discreteflow_jax.flow import cross_entropy
-        from discreteflow_jax.teacher import teacher_inputs
+        from discreteflow_jax.tasks.teacher import teacher_inputs
 
         windows, masks = _windows(self.tokenizer, texts, self.seq_len)
         if self._score is None:  # one compiled program instead of one per eager op
@@ -757,8 +757,8 @@ def abstract_tokenflow(cfg: ExperimentConfig) -> tuple[Any, Any]:
 def _restore_tokenflow_params(mngr: Any, step: int, cfg: ExperimentConfig, abstract_params: Any) -> Any:
     """Parameters of one checkpoint step on the default device (CheckpointDamagedError when it
     does not read)."""
-    from discreteflow_jax import checkpoint as ckpt
-    from discreteflow_jax.train import TrainState, make_optimizer
+    from discreteflow_jax.io import checkpoint as ckpt
+    from discreteflow_jax.training.trainer import TrainState, make_optimizer
 
     tx = make_optimizer(cfg.train)
     abstract_state = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), abstract_params)
@@ -770,7 +770,7 @@ def _restore_tokenflow_params(mngr: Any, step: int, cfg: ExperimentConfig, abstr
 def _load_workdir(workdir: str, data_dir: str | None, step: int | None) -> TokenFlowModel | TeacherModel:
     """The model of ``step``, or of the newest checkpoint that loads: a damaged newer one is
     reported (logged) and left in place; a damaged ``step`` raises, naming the steps that load."""
-    from discreteflow_jax import checkpoint as ckpt
+    from discreteflow_jax.io import checkpoint as ckpt
 
     mngr = ckpt.manager(workdir, keep=1000, async_save=False)
     try:
@@ -783,7 +783,7 @@ def _load_workdir(workdir: str, data_dir: str | None, step: int | None) -> Token
                 raise ckpt.damaged(mngr, s, "its metadata carries no config")
             cfg = _config_from_raw(meta["config"])
             if cfg.task == "teacher":
-                from discreteflow_jax.teacher import restore_teacher_step
+                from discreteflow_jax.tasks.teacher import restore_teacher_step
 
                 return cfg, restore_teacher_step(mngr, workdir, s)
             ckpt.verify(mngr, s)

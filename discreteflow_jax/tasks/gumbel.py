@@ -27,10 +27,10 @@ import ml_collections
 from flax import nnx
 
 from discreteflow_jax import gumbel as gmb
-from discreteflow_jax import sharding as shd
 from discreteflow_jax.config import ConfigError, ExperimentConfig
+from discreteflow_jax.models import sharding as shd
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
-from discreteflow_jax.train import Task
+from discreteflow_jax.training.trainer import Task
 
 log = logging.getLogger("discreteflow_jax")
 
@@ -65,7 +65,7 @@ def add_gumbel_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def load_teacher_bundle(cfg: ExperimentConfig) -> Any:
     """The teacher named by ``config.teacher`` (a ``teacher.TeacherBundle``)."""
-    from discreteflow_jax.teacher import load_teacher
+    from discreteflow_jax.tasks.teacher import load_teacher
 
     return load_teacher(dict(cfg.extra.get("teacher") or {}), data_dir=cfg.data.data_dir or None)
 

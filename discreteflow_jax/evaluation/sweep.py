@@ -203,7 +203,7 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
               data_dir: str | None = None, scorer_tokenizer: str | None = None,
               scorer_batch_size: int = 32) -> dict[str, Any]:
     """Evaluates every flow model at every K (and every teacher once), writes the report files."""
-    from discreteflow_jax import api
+    from discreteflow_jax.inference import api
 
     settings.validate()
     for name, path in models.items():  # every path is checked before anything is loaded or compiled
@@ -260,7 +260,7 @@ def _dataset_for(model: Any, data_dir: str | None) -> Any:
     """The dataset a model was trained on (its validation split is what the metrics use)."""
     import ml_collections
 
-    from discreteflow_jax.experiment import prepare
+    from discreteflow_jax.training.experiment import prepare
 
     return prepare(ml_collections.ConfigDict(model.config.raw), data_dir)[2]
 

@@ -22,11 +22,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from discreteflow_jax import checkpoint as ckpt
-from discreteflow_jax import distributed as dist
-from discreteflow_jax import sharding as shd
 from discreteflow_jax.config import ExperimentConfig, TrainConfig
-from discreteflow_jax.metrics import MetricWriter, eta_seconds, format_progress
+from discreteflow_jax.io import checkpoint as ckpt
+from discreteflow_jax.models import sharding as shd
+from discreteflow_jax.training import distributed as dist
+from discreteflow_jax.training.metrics import MetricWriter, eta_seconds, format_progress
 
 log = logging.getLogger("discreteflow_jax")
 

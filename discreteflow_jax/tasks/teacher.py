@@ -22,7 +22,7 @@ from discreteflow_jax.config import ConfigError, ExperimentConfig, parse_config
 from discreteflow_jax.flow import cross_entropy
 from discreteflow_jax.models.generate import generate
 from discreteflow_jax.models.llama import Llama, LlamaConfig
-from discreteflow_jax.train import Task
+from discreteflow_jax.training.trainer import Task
 
 TEACHER_COMMAND = "python -m discreteflow_jax.main --config=configs/shakespeare_teacher.py --workdir=DIR"
 
@@ -109,7 +109,7 @@ def load_teacher_checkpoint(workdir: str, step: int | None = None) -> TeacherBun
     that loads (a damaged newer one is reported, logged and left in place)."""
     from etils import epath
 
-    from discreteflow_jax import checkpoint as ckpt
+    from discreteflow_jax.io import checkpoint as ckpt
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not epath.Path(ckpt_dir).is_dir():  # also a gs:// teacher workdir
@@ -138,8 +138,8 @@ def load_teacher_checkpoint(workdir: str, step: int | None = None) -> TeacherBun
 def restore_teacher_step(mngr: Any, workdir: str, step: int) -> TeacherBundle:
     """One step of a teacher workdir; CheckpointDamagedError when it does not read, ConfigError
     when it is not a teacher."""
-    from discreteflow_jax import checkpoint as ckpt
-    from discreteflow_jax.train import TrainState, make_optimizer
+    from discreteflow_jax.io import checkpoint as ckpt
+    from discreteflow_jax.training.trainer import TrainState, make_optimizer
 
     ckpt.verify(mngr, step)
     meta = ckpt.guarded(mngr, step, lambda: ckpt.read_meta(mngr, step))
@@ -181,7 +181,7 @@ def load_teacher(section: dict, data_dir: str | None = None) -> TeacherBundle:
     if checkpoint:
         return load_teacher_checkpoint(checkpoint, step or None)
     if hf:
-        from discreteflow_jax.convert import load_hf_checkpoint
+        from discreteflow_jax.io.hf import load_hf_checkpoint
 
         model, config = load_hf_checkpoint(hf, dtype=section.get("dtype", "float32"))
         return _bundle(model, config, hf, bos_fallback=None)

@@ -25,10 +25,10 @@ import numpy as np
 from flax import nnx
 
 from discreteflow_jax import flow
-from discreteflow_jax import synthetic as syn
 from discreteflow_jax.config import DEFAULT_TIME_WARP_BINS, FlowConfig, TrainConfig
+from discreteflow_jax.data import synthetic as syn
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
-from discreteflow_jax.train import make_optimizer
+from discreteflow_jax.training.trainer import make_optimizer
 
 # Recipes: the original (one uniform t per sequence, embedding width = model width, nothing else)
 # and one lever at a time, then combinations.
