@@ -72,3 +72,26 @@ def test_a_first_step_that_is_logged_keeps_its_speed(tmp_path, data_dir):
     trainer.run()
     speeds = [values["train/steps_per_s"] for step, values in logged if "train/steps_per_s" in values]
     assert speeds and speeds[0] > 0.0
+
+
+def test_metric_writer_does_not_import_torch(tmp_path):
+    """tensorboardX imports PyTorch whenever it is installed (~180 MB resident in a training
+    process); the writer keeps it out. Checked in a fresh interpreter, where nothing else has
+    imported torch yet."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")  # with torch absent there is nothing to keep out
+    code = (
+        "import sys\n"
+        "from discreteflow_jax.training.metrics import MetricWriter\n"
+        f"w = MetricWriter({str(tmp_path)!r}, enabled=True)\n"
+        "w.write_scalars(1, {'train/loss': 2.5}); w.write_texts(1, {'samples': 'hello'}); w.flush()\n"
+        "assert w._tb is not None, 'tensorboardX missing'\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert '"train/loss": 2.5' in (tmp_path / "metrics.jsonl").read_text()
