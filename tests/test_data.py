@@ -225,9 +225,9 @@ _WORDS = "the quick brown fox jumps over lazy dogs while seven wise owls watch q
 _MARKER = re.compile(r"<<(\d+)>>")
 
 
-def _docs() -> list[str]:
+def _docs(count: int = NUM_DOCS) -> list[str]:
     rng = np.random.default_rng(0)
-    return [f"<<{i}>> " + " ".join(rng.choice(_WORDS, size=int(rng.integers(3, 40)))) for i in range(NUM_DOCS)]
+    return [f"<<{i}>> " + " ".join(rng.choice(_WORDS, size=int(rng.integers(3, 40)))) for i in range(count)]
 
 
 def _stream(tok: Tokenizer, docs: list[str]) -> list[int]:
@@ -377,14 +377,7 @@ def test_fineweb_online_failure_and_data_folder(
 ) -> None:
     import datasets
 
-    real_load = datasets.load_dataset
-
-    def local_only(path: str, *args, **kwargs):
-        if path in ("json", "parquet"):
-            return real_load(path, *args, **kwargs)
-        raise ConnectionError("network disabled in tests")
-
-    monkeypatch.setattr(datasets, "load_dataset", local_only)
+    monkeypatch.setattr(datasets, "load_dataset_builder", _no_network)
     with pytest.raises(DataError, match="HuggingFaceFW/fineweb.*network disabled.*local_path"):
         FineWebData(SEQ, gpt2, data_dir=str(tmp_path))
     # A fineweb/ folder in the data folder is used instead of the Hub.
@@ -393,3 +386,120 @@ def test_fineweb_online_failure_and_data_folder(
     monkeypatch.setenv("DISCRETEFLOW_DATA_DIR", str(tmp_path))
     data = FineWebData(SEQ, gpt2, val_rows=0, shuffle_buffer=0)
     assert data.train_batch(0, 2).ravel().tolist() == _stream(gpt2, _docs())[: 2 * SEQ]
+
+
+def test_fineweb_hub_files_are_read_by_row_group(parquet_file: str, gpt2: Tokenizer, monkeypatch) -> None:
+    import types
+
+    import datasets
+
+    def builder(path: str, name: str | None = None):
+        assert (path, name) == ("HuggingFaceFW/fineweb", "sample-10BT")
+        return types.SimpleNamespace(config=types.SimpleNamespace(data_files={"train": [parquet_file]}))
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", builder)
+    data = FineWebData(SEQ, gpt2, val_rows=0, shuffle_buffer=0)
+    assert data.describe_source() == "HuggingFaceFW/fineweb/sample-10BT"
+    assert data.train_batch(0, 2).ravel().tolist() == _stream(gpt2, _docs())[: 2 * SEQ]
+
+
+def _zero_row_groups(path: Path, groups: list[int]) -> None:
+    """Overwrites the pages of the given row groups with zeros, keeping the footer: they no longer decode."""
+    meta = pq.ParquetFile(path).metadata
+    with open(path, "r+b") as f:
+        for g in groups:
+            column = meta.row_group(g).column(0)
+            start = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+            f.seek(start)
+            f.write(bytes(column.total_compressed_size))
+
+
+def test_fineweb_late_resume_reads_no_skipped_document(tmp_path: Path, gpt2: Tokenizer) -> None:
+    """Resuming late in an epoch reads none of the documents the saved run used up: their row groups are
+    destroyed before the resume, and the resumed rows still equal the uninterrupted run's."""
+    path = tmp_path / "docs.parquet"
+    group, num_docs = 10, 600
+    pq.write_table(pa.table({"text": _docs(num_docs)}), path, row_group_size=group, use_dictionary=False)
+
+    def fresh() -> FineWebData:
+        return FineWebData(SEQ, gpt2, local_path=str(path), val_rows=4, shuffle_buffer=16, seed=7, prefetch=0)
+
+    data = fresh()
+    saved, batch = 25, 8  # about 60% into the first epoch
+    batches = []
+    for step in range(saved + 4):
+        batches.append(data.train_batch(step, batch))
+        if step == saved:
+            state = json.loads(json.dumps(data.state()))
+    assert state["epoch"] == 0
+    # Documents that start at least one batch before the saved position (all shorter than a batch) are used up.
+    used = set(_ids(gpt2, batches[:saved]))
+    assert used.isdisjoint(_ids(gpt2, batches[saved + 1 :]))
+    # The first row groups stay: the validation rows are packed from the start of the shard.
+    doomed = [g for g in range(8, num_docs // group) if all(d in used for d in range(g * group, (g + 1) * group))]
+    assert len(doomed) >= 10, doomed
+    _zero_row_groups(path, doomed)
+    with pytest.raises((OSError, pa.ArrowException)):  # the destroyed row groups really cannot be read any more
+        pq.read_table(path)
+    resumed = fresh()
+    resumed.restore(state)
+    for step in range(saved + 1, saved + 4):
+        np.testing.assert_array_equal(resumed.train_batch(step, batch), batches[step])
+
+
+def test_fineweb_legacy_state(jsonl_file: str, gpt2: Tokenizer) -> None:
+    """A position saved in the earlier buffer-shuffled order is refused, except where both orders agree."""
+    shuffled = FineWebData(SEQ, gpt2, local_path=jsonl_file, val_rows=4, shuffle_buffer=16, seed=7)
+    shuffled.train_batch(0, 4)
+    legacy = {k: v for k, v in shuffled.state().items() if k not in ("order", "shard_docs")}
+    with pytest.raises(DataError, match="'buffer' document order.*cannot be continued exactly"):
+        FineWebData(SEQ, gpt2, local_path=jsonl_file, val_rows=4, shuffle_buffer=16, seed=7).restore(legacy)
+    plain = FineWebData(SEQ, gpt2, local_path=jsonl_file, val_rows=4, shuffle_buffer=0)
+    plain.train_batch(0, 4)
+    legacy = {k: v for k, v in plain.state().items() if k not in ("order", "shard_docs")}
+    expected = plain.train_batch(1, 4)
+    again = FineWebData(SEQ, gpt2, local_path=jsonl_file, val_rows=4, shuffle_buffer=0)
+    again.restore(legacy)
+    np.testing.assert_array_equal(again.train_batch(1, 4), expected)
+
+
+def test_fineweb_prefetch_is_timing_independent(jsonl_file: str, gpt2: Tokenizer) -> None:
+    """Background packing gives the batches and states of on-demand packing, surfaces a worker's error with
+    its message, and stops its thread on close() or when the dataset is collected."""
+    import gc
+    import threading
+    import time
+
+    def make(prefetch: int) -> FineWebData:
+        return FineWebData(SEQ, gpt2, local_path=jsonl_file, val_rows=4, shuffle_buffer=16, seed=3, prefetch=prefetch)
+
+    sync, ahead = make(0), make(3)
+    for step in range(30):  # crosses an epoch
+        if step % 7 == 0:
+            time.sleep(0.05)  # let the worker run ahead
+        np.testing.assert_array_equal(ahead.train_batch(step, 8), sync.train_batch(step, 8))
+        assert ahead.state() == sync.state()
+    # A batch size change restarts packing at the current position.
+    np.testing.assert_array_equal(ahead.train_batch(30, 3), sync.train_batch(30, 3))
+
+    def workers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "fineweb-0"]
+
+    assert workers()
+    ahead.close()
+    assert not workers()
+    np.testing.assert_array_equal(ahead.train_batch(31, 3), sync.train_batch(31, 3))  # restarts after close()
+    del ahead
+    gc.collect()
+    assert not workers()
+
+    # An error raised in the worker (a position that does not exist in this data) reaches the caller.
+    state = sync.state()
+    bad = make(2)
+    bad.restore({**state, "offset": 10_000})
+    with pytest.raises(DataError, match="Cannot resume at epoch .* token 10000"):
+        bad.train_batch(state["next_step"], 3)
+    assert not workers()
+    bad.restore(state)
+    np.testing.assert_array_equal(bad.train_batch(state["next_step"], 3), sync.train_batch(state["next_step"], 3))
+    bad.close()

@@ -1,35 +1,38 @@
-"""FineWeb (or any text corpus with a ``text`` column) streamed, tokenized and packed into fixed-length rows.
+"""FineWeb (or any text corpus with a ``text`` column) read, tokenized and packed into fixed-length rows.
 
 Data flow for one process:
 
-1. The corpus is streamed with ``datasets`` (the Hub, or local .parquet/.jsonl/.json files) and reduced to this
-   process's shard with ``split_dataset_by_node``; processes therefore read disjoint documents.
+1. The corpus is read from parquet or JSON files (local, or a Hub dataset's files; see ``fineweb_source``). Its
+   documents, numbered in file order, are cut into ``process_count`` contiguous ranges; process ``i`` reads
+   range ``i`` (its shard), so processes read disjoint documents.
 2. Every document is tokenized and followed by EOS; the token stream is cut into rows of exactly ``seq_len``
    tokens, the remainder of a document carrying over into the next row (no padding).
 3. Validation: the first ``val_rows`` rows packed from the *unshuffled* start of the shard. The document that
    completes the last validation row is dropped from training together with all documents before it, so no
    document is in both splits, and the validation set does not depend on the seed or the epoch.
-4. Training: the remaining documents, shuffled with a buffer of ``shuffle_buffer`` documents seeded by
-   ``(seed, epoch, process_index)``. When the shard is exhausted, a new epoch starts over the same training
-   documents in a new shuffled order; packing continues across the boundary without a gap.
+4. Training: the remaining documents in the order of ``fineweb_source.EpochOrder``: row-group blocks and windows
+   of about ``shuffle_buffer`` documents permuted with seeds drawn from ``(seed, epoch, process_index)``. Each
+   epoch visits every training document once; packing continues across the epoch boundary without a gap.
+5. Batches are packed ``prefetch`` steps ahead in a background thread (``prefetch.Prefetcher``).
 
-Resuming: ``state()`` records where the next row starts (epoch, index of the document in that epoch's shuffled
-order, token offset inside it). ``restore`` re-streams the shard and skips the documents before that one without
-tokenizing them, so the rows that follow are exactly those an uninterrupted run would have produced.
+Resuming: ``state()`` records where the next row starts (epoch, index of the document in that epoch's order,
+token offset inside it). ``restore`` reads only the window holding that document, so the cost does not grow with
+the position, and the rows that follow are exactly those an uninterrupted run would have produced.
 """
 
 from __future__ import annotations
 
-import collections
-import glob
-import itertools
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from discreteflow_jax.data.fineweb_source import DocumentSource, EpochOrder, find_local_files, hub_files
+from discreteflow_jax.data.packing import Position, batched, encode_docs, packed_rows
+from discreteflow_jax.data.prefetch import Prefetcher
 from discreteflow_jax.data.tokenizers import DataError, TokenDataset, Tokenizer, resolve_data_dir
 
 logger = logging.getLogger(__name__)
@@ -38,45 +41,18 @@ DEFAULT_SOURCE = "HuggingFaceFW/fineweb"
 DEFAULT_SUBSET = "sample-10BT"
 # Subfolder of the data folder that, when present, is used instead of streaming from the Hub.
 FINEWEB_RELPATH = "fineweb"
-_PARQUET_EXTS = (".parquet",)
-_JSON_EXTS = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-# Documents are tokenized in groups so the tokenizers' batch path (native, multi-threaded) is used.
-_ENCODE_CHUNK = 64
-
-# (epoch, index of the document in the epoch's shuffled order, token offset inside the document + EOS)
-Position = tuple[int, int, int]
-
-
-def _find_local_files(path: str) -> tuple[str, list[str]]:
-    """Returns the ``datasets`` builder name ("parquet" or "json") and the sorted data files under ``path``."""
-    if os.path.isfile(path):
-        files = [path]
-    elif os.path.isdir(path):
-        exts = _PARQUET_EXTS + _JSON_EXTS
-        files = sorted(
-            f
-            for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-            if f.endswith(exts) and os.path.isfile(f)
-        )
-        if not files:
-            raise DataError(f"No .parquet, .jsonl or .json files found under {path!r}")
-    else:
-        raise DataError(f"FineWeb local_path {path!r} does not exist")
-    kinds = {"parquet" if f.endswith(_PARQUET_EXTS) else "json" if f.endswith(_JSON_EXTS) else "?" for f in files}
-    if "?" in kinds:
-        raise DataError(f"Unsupported file type {path!r}; expected .parquet, .jsonl or .json (optionally .gz)")
-    if len(kinds) > 1:
-        raise DataError(f"{path!r} mixes parquet and json files; point local_path at one kind")
-    return kinds.pop(), files
-
+# Name of the training order in state(): a position is only meaningful in the order that produced it.
+ORDER = "blocks"
+DEFAULT_PREFETCH = 2
 
 class FineWebData(TokenDataset):
-    """Packed GPT-2-token rows from FineWeb (or local files), with a held-out split and exact resume.
+    """Packed rows of tokens from FineWeb (or local files), with a held-out split and exact resume.
 
     ``train_batch(step, batch_size)`` consumes rows sequentially; steps must be called in order (a step beyond
     the next expected one fast-forwards with a warning, assuming the same ``batch_size`` for the skipped steps;
     an earlier step raises). ``val_batches`` raises ``DataError`` when more rows are requested than
-    ``val_rows`` holds, rather than silently evaluating on fewer rows.
+    ``val_rows`` holds, rather than silently evaluating on fewer rows. ``prefetch`` is how many batches a
+    background thread packs ahead (0: none, packed on demand); ``close()`` stops it.
     """
 
     def __init__(
@@ -92,14 +68,18 @@ class FineWebData(TokenDataset):
         process_count: int = 1,
         shuffle_buffer: int = 10_000,
         data_dir: str | None = None,
+        prefetch: int = DEFAULT_PREFETCH,
     ) -> None:
         super().__init__(seq_len, tokenizer, seed, process_index, process_count)
         if val_rows < 0:
             raise DataError(f"val_rows must be non-negative, got {val_rows}")
         if shuffle_buffer < 0:
             raise DataError(f"shuffle_buffer must be non-negative, got {shuffle_buffer}")
+        if prefetch < 0:
+            raise DataError(f"prefetch must be non-negative, got {prefetch}")
         self.val_rows = int(val_rows)
         self.shuffle_buffer = int(shuffle_buffer)
+        self.prefetch = int(prefetch)
 
         if local_path is None:
             # Same rule as the other data files: an offline copy in the data folder wins over the Hub.
@@ -110,14 +90,19 @@ class FineWebData(TokenDataset):
         self.local_path = local_path
         self.source = source
         self.subset = subset
-        self._dataset = self._open()
+        self._source = self._open()
+        total = self._source.num_docs
+        self._shard = (total * self.process_index // self.process_count,
+                       total * (self.process_index + 1) // self.process_count)
 
         self._val: np.ndarray | None = None
         self._num_val_docs: int | None = None
+        self._order: EpochOrder | None = None
         self._pos: Position = (0, 0, 0)
         self._rows_consumed = 0
         self._next_step: int | None = 0
-        self._rows: Iterator[tuple[np.ndarray, Position]] | None = None
+        self._batches: Prefetcher[tuple[np.ndarray, Position]] | None = None
+        self._batch_size = 0
 
     # ------------------------------------------------------------------ reading documents
 
@@ -126,106 +111,50 @@ class FineWebData(TokenDataset):
             return f"local:{self.local_path}"
         return f"{self.source}/{self.subset}" if self.subset else self.source
 
-    def _open(self) -> Any:
-        import datasets
-        from datasets.distributed import split_dataset_by_node
-
+    def _open(self) -> DocumentSource:
         if self.local_path is not None:
-            builder, files = _find_local_files(self.local_path)
-            try:
-                ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
-            except Exception as e:  # surface any reader failure with the files involved
-                raise DataError(f"Could not read {builder} files under {self.local_path!r}: {e}") from e
+            files = find_local_files(self.local_path)
         else:
             try:
-                ds = datasets.load_dataset(self.source, name=self.subset, split="train", streaming=True)
+                files = hub_files(self.source, self.subset)
             except Exception as e:  # any network/auth failure gets the same actionable message
                 raise DataError(
-                    f"Could not stream {self.source!r} (subset {self.subset!r}) from the Hugging Face Hub "
+                    f"Could not list the files of {self.source!r} (subset {self.subset!r}) on the Hugging Face Hub "
                     f"({type(e).__name__}: {e}). Without network access, pass local_path (a .parquet/.jsonl/.json "
                     f"file or a folder of them with a 'text' column) or put such files in <data folder>/"
                     f"{FINEWEB_RELPATH}/."
                 ) from e
-        columns = ds.column_names
-        if columns is not None:
-            if "text" not in columns:
-                raise DataError(f"{self.describe_source()} has no 'text' column; columns found: {sorted(columns)}")
-            # Dropping the other columns avoids decoding metadata we never use.
-            ds = ds.select_columns(["text"])
-        return split_dataset_by_node(ds, rank=self.process_index, world_size=self.process_count)
+        try:
+            return DocumentSource(files, self.describe_source())
+        except DataError:
+            raise
+        except Exception as e:  # surface any reader failure with the files involved
+            raise DataError(f"Could not read the files of {self.describe_source()}: {e}") from e
 
-    def _texts(self) -> Iterator[str]:
-        """This process's documents in stored order, from the start of the shard."""
-        for example in self._dataset:
-            if "text" not in example:
-                raise DataError(
-                    f"{self.describe_source()} has no 'text' column; columns found: {sorted(example.keys())}"
-                )
-            text = example["text"]
-            yield "" if text is None else str(text)
+    def _shard_texts(self) -> Iterator[tuple[int, int, str]]:
+        """(0, index, text) of this process's documents in stored order, from the start of the shard."""
+        return ((0, i, t) for i, t in enumerate(self._source.iter_texts(*self._shard)))
 
-    def _shuffled_train_texts(self, epoch: int) -> Iterator[str]:
-        """Training documents of one epoch: the shard minus the validation documents, buffer-shuffled."""
+    def _train_order(self) -> EpochOrder:
         self._ensure_val()
-        texts = itertools.islice(self._texts(), self._num_val_docs, None)
-        if self.shuffle_buffer <= 1:
-            yield from texts
-            return
-        rng = np.random.default_rng([self.seed, epoch, self.process_index])
-        buffer: list[str] = []
-        for text in texts:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(text)
-                continue
-            j = int(rng.integers(len(buffer)))
-            yield buffer[j]
-            buffer[j] = text
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def _train_docs(self, epoch: int, start_doc: int) -> Iterator[tuple[int, int, str]]:
-        """(epoch, index, text) of the training documents from ``start_doc`` of ``epoch`` on, over all epochs."""
-        while True:
-            count = 0
-            for index, text in enumerate(self._shuffled_train_texts(epoch)):
-                count += 1
-                if index >= start_doc:
-                    yield epoch, index, text
-            if count == 0:
-                raise DataError(
-                    f"No training documents in shard {self.process_index}/{self.process_count} of "
-                    f"{self.describe_source()}: all {self._num_val_docs} documents went to the {self.val_rows} "
-                    "validation rows; lower val_rows or use more data"
-                )
-            epoch, start_doc = epoch + 1, 0
-            logger.info("FineWeb shard %d: starting epoch %d", self.process_index, epoch)
-
-    def _encoded(self, docs: Iterator[tuple[int, int, str]]) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Tokenizes documents in chunks and appends EOS to each."""
-        eos = np.asarray([self.tokenizer.eos_id], dtype=np.int32)
-        while True:
-            chunk = list(itertools.islice(docs, _ENCODE_CHUNK))
-            if not chunk:
-                return
-            ids = self.tokenizer.encode_batch([text for _, _, text in chunk])
-            for (epoch, index, _), tokens in zip(chunk, ids):
-                yield epoch, index, np.concatenate([np.asarray(tokens, dtype=np.int32), eos])
+        assert self._order is not None
+        if self._order.num_docs <= 0:
+            raise DataError(
+                f"No training documents in shard {self.process_index}/{self.process_count} of "
+                f"{self.describe_source()}: all {self._num_val_docs} documents went to the {self.val_rows} "
+                "validation rows; lower val_rows or use more data"
+            )
+        return self._order
 
     def check_readable(self) -> None:
         """Reads the start of this process's shard now, so that files without a ``text`` column,
         with fewer tokens than one window or than the validation rows, or with no document left for
         training are refused before anything compiles (not at the first step)."""
         if self.val_rows > 0:
-            self._ensure_val()  # raises when the shard packs into fewer than val_rows rows
-            if next(itertools.islice(self._texts(), self._num_val_docs, None), None) is None:
-                raise DataError(
-                    f"No training documents in shard {self.process_index}/{self.process_count} of "
-                    f"{self.describe_source()}: all {self._num_val_docs} documents went to the {self.val_rows} "
-                    "validation rows; lower val_rows or use more data"
-                )
+            self._train_order()
             return
         total = 0
-        for _, _, tokens in self._encoded((0, i, t) for i, t in enumerate(self._texts())):
+        for _, _, tokens in encode_docs(self.tokenizer, self._shard_texts()):
             total += len(tokens)
             if total >= self.seq_len:
                 return
@@ -244,8 +173,7 @@ class FineWebData(TokenDataset):
         filled = 0
         num_docs = 0
         if self.val_rows > 0:
-            docs = ((0, i, t) for i, t in enumerate(self._texts()))
-            for _, index, tokens in self._encoded(docs):
+            for _, index, tokens in encode_docs(self.tokenizer, self._shard_texts()):
                 num_docs = index + 1
                 while len(tokens) and len(rows) < self.val_rows:
                     take = min(len(tokens), self.seq_len - filled)
@@ -265,6 +193,10 @@ class FineWebData(TokenDataset):
                 )
         self._val = np.stack(rows) if rows else np.zeros((0, self.seq_len), dtype=np.int32)
         self._num_val_docs = num_docs
+        first, stop = self._shard
+        self._order = EpochOrder(
+            self._source, first + num_docs, stop, self.shuffle_buffer, self.seed, self.process_index
+        )
 
     @property
     def num_val_docs(self) -> int:
@@ -295,60 +227,33 @@ class FineWebData(TokenDataset):
 
     # ------------------------------------------------------------------ training
 
-    def _row_iterator(self, start: Position) -> Iterator[tuple[np.ndarray, Position]]:
-        """Rows from position ``start`` on, each with the position where the following row starts."""
-        start_epoch, start_doc, start_offset = start
-        pending: collections.deque[list[Any]] = collections.deque()  # [epoch, index, tokens, consumed]
-        available = 0
-        first = True
-        encoded = self._encoded(self._train_docs(start_epoch, start_doc))
-        last_label = (start_epoch, start_doc - 1)
-        while True:
-            while available < self.seq_len:
-                epoch, index, tokens = next(encoded)
-                consumed = 0
-                if first:
-                    first = False
-                    if start_offset:
-                        if (epoch, index) != (start_epoch, start_doc) or start_offset >= len(tokens):
-                            raise DataError(
-                                f"Cannot resume at epoch {start_epoch}, document {start_doc}, token {start_offset}: "
-                                "the data differs from the run that saved the state"
-                            )
-                        consumed = start_offset
-                pending.append([epoch, index, tokens, consumed])
-                available += len(tokens) - consumed
-            need = self.seq_len
-            parts = []
-            while need:
-                head = pending[0]
-                take = min(need, len(head[2]) - head[3])
-                parts.append(head[2][head[3] : head[3] + take])
-                head[3] += take
-                need -= take
-                if head[3] == len(head[2]):
-                    last_label = (head[0], head[1])
-                    pending.popleft()
-            available -= self.seq_len
-            # The next row starts inside the head document, or at the document after the last one used up.
-            nxt = (pending[0][0], pending[0][1], pending[0][3]) if pending else (last_label[0], last_label[1] + 1, 0)
-            yield np.concatenate(parts), nxt
+    def close(self) -> None:
+        """Stops the background packing (it restarts at the current position when a batch is asked for)."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
 
-    def _next_row(self) -> np.ndarray:
-        if self._rows is None:
-            self._rows = self._row_iterator(self._pos)
+    def _next_batch(self, batch_size: int) -> tuple[np.ndarray, Position]:
+        if self._batches is None or self._batch_size != batch_size:
+            self.close()
+            rows = packed_rows(self._train_order(), self.tokenizer, self.seq_len, self._pos)
+            self._batches = Prefetcher(batched(rows, batch_size), self.prefetch, f"fineweb-{self.process_index}")
+            self._batch_size = batch_size
+            # The worker holds no reference to self, so an unused dataset is collected and its thread stopped.
+            weakref.finalize(self, self._batches.close)
         try:
-            row, self._pos = next(self._rows)
+            return self._batches.get()
         except BaseException:
-            # A generator that raised is finished; drop it so the next call re-opens the stream at self._pos.
-            self._rows = None
+            # The stream re-opens at self._pos (the start of this batch) on the next call.
+            self.close()
             raise
-        self._rows_consumed += 1
-        return row
 
     def _skip_rows(self, count: int) -> None:
+        self.close()
+        rows = packed_rows(self._train_order(), self.tokenizer, self.seq_len, self._pos)
         for _ in range(count):
-            self._next_row()
+            _, self._pos = next(rows)
+            self._rows_consumed += 1
 
     def train_batch(self, step: int, batch_size: int) -> np.ndarray:
         """The next ``batch_size`` (per process) training rows, int32 [batch_size, seq_len], for ``step``."""
@@ -371,7 +276,8 @@ class FineWebData(TokenDataset):
                 batch_size,
             )
             self._skip_rows((step - self._next_step) * batch_size)
-        batch = np.stack([self._next_row() for _ in range(batch_size)])
+        batch, self._pos = self._next_batch(batch_size)
+        self._rows_consumed += batch_size
         self._next_step = step + 1
         return batch
 
@@ -386,6 +292,7 @@ class FineWebData(TokenDataset):
             "val_rows": self.val_rows,
             "shuffle_buffer": self.shuffle_buffer,
             "tokenizer": self.tokenizer.name,
+            "shard_docs": self._shard[1] - self._shard[0],
         }
 
     def state(self) -> dict[str, Any]:
@@ -394,6 +301,7 @@ class FineWebData(TokenDataset):
         return {
             "dataset": "fineweb",
             "source": self.describe_source(),
+            "order": ORDER,
             "rows_consumed": self._rows_consumed,
             "next_step": self._next_step,
             "epoch": epoch,
@@ -406,7 +314,9 @@ class FineWebData(TokenDataset):
         """Continues from a ``state()``: the following rows equal those of the run that saved it.
 
         A state with only ``rows_consumed`` (and optionally ``next_step``) is honoured by packing and discarding
-        that many rows from the start, which is exact but slower than seeking to the saved document.
+        that many rows from the start, which is exact but slower than seeking to the saved document. A position
+        saved in another document order (states without ``order`` come from the earlier buffer-shuffled order)
+        raises DataError, except where both orders agree (one process, no shuffling).
         """
         kind = state.get("dataset", "fineweb")
         if kind != "fineweb":
@@ -419,11 +329,20 @@ class FineWebData(TokenDataset):
         if mismatched:
             details = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
             raise DataError(f"Data state does not match this FineWebData ({details}); the saved position is invalid")
-        self._rows = None
+        has_position = all(key in state for key in ("epoch", "doc", "offset"))
+        order = state.get("order", "buffer")
+        if has_position and order != ORDER and not (self.shuffle_buffer <= 1 and self.process_count == 1):
+            raise DataError(
+                f"The data state was saved in the {order!r} document order (shuffle_buffer={self.shuffle_buffer}, "
+                f"{self.process_count} processes), which this version does not produce (it uses {ORDER!r}); the "
+                "saved position cannot be continued exactly. Resume from a checkpoint saved by this version, or "
+                "start a new run"
+            )
+        self.close()
         self._rows_consumed = 0
         self._pos = (0, 0, 0)
         rows = int(state.get("rows_consumed", 0))
-        if all(key in state for key in ("epoch", "doc", "offset")):
+        if has_position:
             self._pos = (int(state["epoch"]), int(state["doc"]), int(state["offset"]))
             self._rows_consumed = rows
         else:
