@@ -41,8 +41,11 @@ def test_prefetch_is_bounded_and_runs_ahead() -> None:
     produced: list[int] = []
     fetch = Prefetcher(_slow(1000, produced), depth=3)
     assert fetch.get() == 0
-    time.sleep(0.2)
-    # One item taken, three waiting in the queue, one computed and waiting for room.
+    deadline = time.monotonic() + 10
+    while len(produced) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    # One item taken, three waiting in the queue, one computed and waiting for room: no further.
     assert 4 <= len(produced) <= 5
     fetch.close()
 
