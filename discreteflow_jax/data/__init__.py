@@ -34,8 +34,8 @@ def make_dataset(
 ) -> ShakespeareData | FineWebData:
     """Builds ``"shakespeare"`` or ``"fineweb"``; ``kwargs`` go to the dataset's constructor.
 
-    Shakespeare takes ``val_fraction``; FineWeb takes ``source``, ``subset``, ``local_path``, ``val_rows`` and
-    ``shuffle_buffer``.
+    Shakespeare takes ``val_fraction``; FineWeb takes ``source``, ``subset``, ``local_path``, ``val_rows``,
+    ``shuffle_buffer`` and ``prefetch``.
     """
     key = str(name).strip().lower()
     common: dict[str, Any] = {
