@@ -57,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
 
+    from discreteflow_jax.conditioning import CONDITION_MODES
     from discreteflow_jax.data import make_dataset
-    from discreteflow_jax.inference import api
+    from discreteflow_jax.inference.load import load
 
-    model = api.load(args.workdir, args.data_dir)
-    teacher = api.load(args.teacher, args.data_dir) if args.teacher else None
+    model = load(args.workdir, args.data_dir)
+    teacher = load(args.teacher, args.data_dir) if args.teacher else None
     cfg = model.config
     seq_len = model.seq_len
     data = make_dataset("shakespeare", seq_len, model.tokenizer, data_dir=args.data_dir or cfg.data.data_dir or None,
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, known in tasks.items():
         gen = ~known
         for k in (int(s) for s in args.steps.split(",")):
-            for condition in ("none", *api.CONDITION_MODES):
+            for condition in ("none", *CONDITION_MODES):
                 t0 = time.time()
                 if condition == "none":
                     rows = model.sample_tokens(args.num, k, args.seed)

@@ -29,8 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from discreteflow_jax import flow
-from discreteflow_jax.inference import api
+from discreteflow_jax import conditioning, flow
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
 
 VOCAB, LENGTH = 11, 8
@@ -77,8 +76,8 @@ def evaluate(model, name: str, n: int, sample_steps: int, seed: int) -> list[dic
         mask = np.zeros((n, LENGTH), bool)
         for r in mask:
             r[rng.choice(LENGTH, num_known, replace=False)] = True
-        for condition in api.CONDITION_MODES:
-            out = np.asarray(api.conditional_sample(model, jax.random.key(seed), flow.time_grid(sample_steps),
+        for condition in conditioning.CONDITION_MODES:
+            out = np.asarray(conditioning.conditional_sample(model, jax.random.key(seed), flow.time_grid(sample_steps),
                                                     jnp.asarray(np.where(mask, truth, 0)), jnp.asarray(mask),
                                                     condition=condition))
             rows.append({"model": name, "known": num_known, "condition": condition, "K": sample_steps, "n": n,

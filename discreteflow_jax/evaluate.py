@@ -161,10 +161,11 @@ class Scorer:
         """
         path = os.path.expanduser(spec)
         if os.path.isdir(os.path.join(path, "checkpoints")) or _is_export(path):
-            from discreteflow_jax.inference import api
+            from discreteflow_jax.inference.load import load
+            from discreteflow_jax.inference.teacher_model import TeacherModel
 
-            model = api.load(path, data_dir)
-            if not isinstance(model, api.TeacherModel):
+            model = load(path, data_dir)
+            if not isinstance(model, TeacherModel):
                 raise ValueError(
                     f"the scorer {spec} is a {model.kind} model; Gen-PPL needs an autoregressive LM: "
                     "a teacher workdir (configs/shakespeare_teacher.py), a converted HF model, or gpt2"
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
     from discreteflow_jax.evaluation.sweep import SweepSettings, markdown_tables, parse_models, run_sweep
-    from discreteflow_jax.inference.api import LoadError
+    from discreteflow_jax.inference.load import LoadError
     from discreteflow_jax.training.experiment import USER_ERRORS
 
     settings = SweepSettings(

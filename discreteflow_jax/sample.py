@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from discreteflow_jax.inference import api
+    from discreteflow_jax.inference.load import load
     from discreteflow_jax.training.experiment import USER_ERRORS
 
     try:
         check_args(args)
-        model = api.load(args.workdir, args.data_dir, step=args.step)
+        model = load(args.workdir, args.data_dir, step=args.step)
         texts, steps = sample_texts(model, args)
     except (ValueError, *USER_ERRORS) as err:  # bad arguments and unreadable workdirs: a message, no traceback
         print(f"error: {err}", file=sys.stderr)

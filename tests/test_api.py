@@ -15,10 +15,16 @@ from conftest import load_config
 from flax import nnx
 
 import discreteflow_jax as dfj
-from discreteflow_jax import export, flow
+from discreteflow_jax import conditioning, flow
 from discreteflow_jax.config import parse_config
 from discreteflow_jax.data.tokenizers import Tokenizer, load_tokenizer
-from discreteflow_jax.inference import api
+from discreteflow_jax.inference import prompts
+from discreteflow_jax.inference.batches import continue_prefixes
+from discreteflow_jax.inference.export import export_model
+from discreteflow_jax.inference.flow_model import TokenFlowModel, model_config
+from discreteflow_jax.inference.load import LoadError, load
+from discreteflow_jax.inference.teacher_model import TeacherModel
+from discreteflow_jax.io import export_format
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -41,7 +47,7 @@ class CharTokenizer(Tokenizer):
         return "".join(self.ALPHABET[int(i)] for i in ids)
 
 
-def tiny_flow(tokenizer: Tokenizer, seed: int = 0, **overrides) -> api.TokenFlowModel:
+def tiny_flow(tokenizer: Tokenizer, seed: int = 0, **overrides) -> TokenFlowModel:
     """A randomly initialized TokenFlowModel on the smoke config (seq_len 16)."""
     c = load_config("shakespeare_baseline")
     c.model.vocab_size = tokenizer.vocab_size
@@ -52,9 +58,9 @@ def tiny_flow(tokenizer: Tokenizer, seed: int = 0, **overrides) -> api.TokenFlow
             node = node[p]
         node[leaf] = value
     cfg = parse_config(c)
-    model = TokenFlow(api.model_config(cfg), rngs=nnx.Rngs(seed))
+    model = TokenFlow(model_config(cfg), rngs=nnx.Rngs(seed))
     graphdef, state = nnx.split(model)
-    return api.TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tokenizer, "test", step=0)
+    return TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tokenizer, "test", step=0)
 
 
 class OracleFlow:
@@ -88,7 +94,7 @@ class OracleFlow:
         return jnp.log(probs + 1e-30)
 
 
-def assert_template_kept(tokens: np.ndarray, parsed: api.Known) -> None:
+def assert_template_kept(tokens: np.ndarray, parsed: prompts.Known) -> None:
     size = parsed.mask.shape[1]
     known = parsed.mask[0]
     for row in tokens:
@@ -117,7 +123,7 @@ def test_oracle_infilling_recovers_the_only_consistent_sequence():
     mask = np.zeros((n, length), bool)
     for row in mask:
         row[rng.choice(length, 4, replace=False)] = True  # scattered known tokens, four blanks
-    tokens = api.conditional_sample(oracle, jax.random.key(1), flow.time_grid(16),
+    tokens = conditioning.conditional_sample(oracle, jax.random.key(1), flow.time_grid(16),
                                     jnp.asarray(np.where(mask, truth, 0)), jnp.asarray(mask), condition="clamp")
     np.testing.assert_array_equal(np.asarray(tokens), truth)
 
@@ -128,14 +134,14 @@ def test_oracle_unconditional_samples_are_data():
     oracle = OracleFlow(seqs, vocab, dim=16)
     n = 8
     zeros = jnp.zeros((n, length), jnp.int32)
-    tokens = np.asarray(api.conditional_sample(oracle, jax.random.key(2), flow.time_grid(32), zeros,
+    tokens = np.asarray(conditioning.conditional_sample(oracle, jax.random.key(2), flow.time_grid(32), zeros,
                                                jnp.zeros((n, length), bool)))
     rows = {tuple(r) for r in seqs.tolist()}
     assert all(tuple(r) in rows for r in tokens.tolist())
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("condition", api.CONDITION_MODES)
+@pytest.mark.parametrize("condition", conditioning.CONDITION_MODES)
 def test_known_positions_come_out_unchanged(causal, condition):
     tok = CharTokenizer()
     model = tiny_flow(tok, causal=causal)
@@ -150,7 +156,7 @@ def test_known_positions_come_out_unchanged(causal, condition):
     texts = model.sample(2, 2, seed=1, prompt="to be", condition=condition)
     assert all(t.startswith("to be") for t in texts)
     filled = model.sample_tokens(2, 2, seed=1, template="to be ____ to be", blank_length=3, condition=condition)
-    assert_template_kept(filled, api.parse_template("to be ____ to be", tok, blank_length=3))
+    assert_template_kept(filled, prompts.parse_template("to be ____ to be", tok, blank_length=3))
 
 
 def test_unconditional_sampling_matches_the_training_sampler():
@@ -172,7 +178,7 @@ def test_score_reports_every_t_bucket():
 
 def test_template_parsing():
     tok = CharTokenizer()
-    parsed = api.parse_template("ab ___ c ____", tok, blank_length=2)
+    parsed = prompts.parse_template("ab ___ c ____", tok, blank_length=2)
     assert parsed.mask.tolist() == [[True, True, False, False, True, False, False]]
     assert tok.decode(parsed.tokens[0][parsed.mask[0]]) == "abc"
 
@@ -207,12 +213,12 @@ def test_continue_prefixes_keeps_each_prefix_and_returns_the_rest():
     tok = CharTokenizer()
     model = tiny_flow(tok)
     prefixes = ["to be", "or not to be"]
-    out = api.continue_prefixes(model, prefixes, steps=(1, 2), return_tokens=True, batch_size=1)
+    out = continue_prefixes(model, prefixes, steps=(1, 2), return_tokens=True, batch_size=1)
     assert sorted(out) == [1, 2]
     for k in out:
         assert [len(c) for c in out[k]] == [16 - len(p) for p in prefixes]
     with pytest.raises(ValueError, match="prefix 0"):
-        api.continue_prefixes(model, ["a" * 16], steps=(1,))
+        continue_prefixes(model, ["a" * 16], steps=(1,))
 
 
 def test_gumbel_models_condition_with_posterior_noise():
@@ -223,16 +229,16 @@ def test_gumbel_models_condition_with_posterior_noise():
     c.task = "gumbel"
     c.gumbel = ml_collections.ConfigDict({"conditioning": "cross_attention"})
     cfg = parse_config(c)
-    model_cfg = api.model_config(cfg)
+    model_cfg = model_config(cfg)
     assert model_cfg.cross_attention  # the gumbel section reaches the module
     m = TokenFlow(model_cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(m)
-    model = api.TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tok, "test")
+    model = TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tok, "test")
     assert model.kind == "gumbel"
 
     # No known position: exactly the training-time Gumbel source.
     key = jax.random.key(3)
-    source = api.gumbel_prior(cfg.extra["gumbel"])
+    source = conditioning.gumbel_prior(cfg.extra["gumbel"])
     gcfg = gmb.parse_gumbel_config(cfg.extra["gumbel"])
     known = jnp.asarray(np.random.default_rng(0).integers(3, tok.vocab_size, (2, 16)), jnp.int32)
 
@@ -252,9 +258,9 @@ def test_gumbel_models_condition_with_posterior_noise():
     nearest = jnp.argmax(jnp.einsum("btd,vd->btv", ctx, emb), axis=-1)
     assert float(jnp.mean(nearest == known)) > 0.5
 
-    for known_noise in api.KNOWN_NOISE:
+    for known_noise in conditioning.KNOWN_NOISE:
         out = model.sample_tokens(2, 2, seed=0, template="to be ____ to be", known_noise=known_noise)
-        assert_template_kept(out, api.parse_template("to be ____ to be", tok))
+        assert_template_kept(out, prompts.parse_template("to be ____ to be", tok))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,17 +349,17 @@ def test_condition_config_is_validated_and_reaches_the_loss():
 # Loading and exporting
 
 
-def _llama_flow(data_dir: str) -> api.TokenFlowModel:
+def _llama_flow(data_dir: str) -> TokenFlowModel:
     tok = load_tokenizer("llama", data_dir)
     c = load_config("shakespeare_baseline")
     c.data.data_dir = data_dir
     cfg = parse_config(c)
     model = TokenFlow(cfg.model, rngs=nnx.Rngs(7))
     graphdef, state = nnx.split(model)
-    return api.TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tok, "test", step=3)
+    return TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tok, "test", step=3)
 
 
-def _logits(model: api.TokenFlowModel) -> np.ndarray:
+def _logits(model: TokenFlowModel) -> np.ndarray:
     m = model.model()
     x = m.cfg.sigma * jax.random.normal(jax.random.key(0), (2, 16, m.cfg.dim))
     return np.asarray(m(x, jnp.asarray([0.1, 0.7])))
@@ -380,9 +386,9 @@ def test_workdir_loads_in_one_call(tmp_path, data_dir):
 def test_tokenflow_export_round_trip(tmp_path, data_dir, monkeypatch):
     model = _llama_flow(data_dir)
     out = str(tmp_path / "export")
-    export.export_model(model, out, data_dir)
+    export_model(model, out, data_dir)
     meta = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert meta["format_version"] == export.FORMAT_VERSION and meta["kind"] == "tokenflow"
+    assert meta["format_version"] == export_format.FORMAT_VERSION and meta["kind"] == "tokenflow"
     assert meta["architecture"]["dim"] == model.config.model.dim
     assert meta["tokenizer"]["name"] == "llama" and meta["training_config"] == model.config.raw
     assert os.path.isfile(os.path.join(out, "llama_tokenizer", "tokenizer.model"))
@@ -405,9 +411,9 @@ def test_teacher_export_is_hf_compatible_and_round_trips(tmp_path, data_dir):
     c.data.data_dir = data_dir
     cfg = parse_config(c)
     module = Llama(cfg.model, rngs=nnx.Rngs(0))
-    teacher = api.TeacherModel(cfg, module, load_tokenizer("llama", data_dir), "test", step=4)
+    teacher = TeacherModel(cfg, module, load_tokenizer("llama", data_dir), "test", step=4)
     out = str(tmp_path / "teacher")
-    export.export_model(teacher, out, data_dir)
+    export_model(teacher, out, data_dir)
     meta = json.loads((tmp_path / "teacher" / "config.json").read_text())
     assert meta["model_type"] == "llama" and meta["kind"] == "llama" and meta["format_version"] == 1
     loaded = dfj.load(out)
@@ -417,7 +423,7 @@ def test_teacher_export_is_hf_compatible_and_round_trips(tmp_path, data_dir):
     texts = loaded.sample(2, seed=0, prompt="ROMEO:", length=8)
     assert all(t.startswith("ROMEO:") for t in texts)
     prefixes = [[100, 200], [100, 200, 300, 400]]  # different lengths share one batch
-    conts = api.continue_prefixes(loaded, prefixes, steps=(1,), length=8, return_tokens=True)[1]
+    conts = continue_prefixes(loaded, prefixes, steps=(1,), length=8, return_tokens=True)[1]
     assert [len(c) for c in conts] == [6, 4]
     greedy = loaded.continue_rows(prefixes, 8, temperature=1e-6)
     alone = loaded.continue_rows(prefixes[1:], 8, temperature=1e-6)
@@ -431,41 +437,43 @@ def test_teacher_export_is_hf_compatible_and_round_trips(tmp_path, data_dir):
 def test_export_format_versions(tmp_path, data_dir, monkeypatch):
     model = _llama_flow(data_dir)
     out = tmp_path / "export"
-    export.export_model(model, str(out), data_dir)
+    export_model(model, str(out), data_dir)
     meta = json.loads((out / "config.json").read_text())
 
-    (out / "config.json").write_text(json.dumps({**meta, "format_version": export.FORMAT_VERSION + 1}))
-    with pytest.raises(export.ExportFormatError, match="newer"):
+    (out / "config.json").write_text(json.dumps({**meta, "format_version": export_format.FORMAT_VERSION + 1}))
+    with pytest.raises(export_format.ExportFormatError, match="newer"):
         dfj.load(str(out))
     (out / "config.json").write_text(json.dumps({**meta, "format_version": 0, "arch": meta["architecture"]}))
-    with pytest.raises(export.ExportFormatError, match="cannot migrate"):
+    with pytest.raises(export_format.ExportFormatError, match="cannot migrate"):
         dfj.load(str(out))
 
     def v0_to_v1(old: dict) -> dict:  # e.g. a renamed field
         new = {k: v for k, v in old.items() if k != "arch"}
         return {**new, "architecture": old["arch"], "format_version": 1}
 
-    monkeypatch.setitem(export.MIGRATIONS, 0, v0_to_v1)
+    monkeypatch.setitem(export_format.MIGRATIONS, 0, v0_to_v1)
     np.testing.assert_array_equal(_logits(dfj.load(str(out))), _logits(model))
 
 
 def test_loading_something_that_is_not_a_model_says_what_is_missing(tmp_path):
-    with pytest.raises(api.LoadError, match="does not exist"):
+    with pytest.raises(LoadError, match="does not exist"):
         dfj.load(str(tmp_path / "nothing"))
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(api.LoadError, match="missing model.safetensors"):
+    with pytest.raises(LoadError, match="missing model.safetensors"):
         dfj.load(str(tmp_path))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(api.LoadError, match="config.json, model.safetensors"):
+    with pytest.raises(LoadError, match="config.json, model.safetensors"):
         dfj.load(str(empty))
     (empty / "checkpoints").mkdir()
-    with pytest.raises(api.LoadError, match="no finished checkpoint"):
+    with pytest.raises(LoadError, match="no finished checkpoint"):
         dfj.load(str(empty))
 
 
 def test_top_level_exports_are_lazy():
-    assert dfj.load is api.load and dfj.TokenFlowModel is api.TokenFlowModel
+    assert dfj.load is load and dfj.TokenFlowModel is TokenFlowModel and dfj.TeacherModel is TeacherModel
+    assert dfj.LoadError is LoadError and dfj.continue_prefixes is continue_prefixes
+    assert dfj.export_model is export_model
     with pytest.raises(AttributeError):
         dfj.no_such_name  # noqa: B018
 
@@ -476,19 +484,19 @@ def test_gumbel_architecture_in_export(tmp_path, data_dir):
     c.task = "gumbel"
     c.gumbel = ml_collections.ConfigDict({"conditioning": "cross_attention"})
     cfg = parse_config(c)
-    m = TokenFlow(api.model_config(cfg), rngs=nnx.Rngs(0))
+    m = TokenFlow(model_config(cfg), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(m)
-    model = api.TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tok, "test")
+    model = TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tok, "test")
     out = str(tmp_path / "g")
-    export.export_model(model, out, data_dir)
+    export_model(model, out, data_dir)
     loaded = dfj.load(out)
     assert loaded.kind == "gumbel" and loaded.architecture.cross_attention
     assert json.loads(open(os.path.join(out, "config.json")).read())["architecture"]["cross_attention"] is True
     assert loaded.config.extra["gumbel"] == cfg.extra["gumbel"]
     # Every parameter comes back, the cross-attention layers included.
-    flat = export.flatten_params(model.params)
+    flat = export_format.flatten_params(model.params)
     assert any("cross" in name for name in flat)
-    loaded_flat = export.flatten_params(loaded.params)
+    loaded_flat = export_format.flatten_params(loaded.params)
     assert sorted(loaded_flat) == sorted(flat)
     for name, value in flat.items():
         np.testing.assert_array_equal(loaded_flat[name], value)
@@ -557,11 +565,11 @@ def test_teacher_default_length_fits_the_bos_slot(tmp_path, data_dir):
     assert teacher.seq_len == max_len  # the teacher configs train on their whole context
     tokens = teacher.sample_tokens(2, seed=0)  # no length: the default must work
     assert tokens.shape == (2, max_len - 1)
-    conts = api.continue_prefixes(teacher, [[100, 200]], steps=(1,), return_tokens=True)[1]
+    conts = continue_prefixes(teacher, [[100, 200]], steps=(1,), return_tokens=True)[1]
     assert len(conts[0]) == max_len - 1 - 2
 
 
-def _gumbel_flow_and_teacher(conditioning: str) -> tuple[api.TokenFlowModel, object]:
+def _gumbel_flow_and_teacher(conditioning: str) -> tuple[TokenFlowModel, object]:
     from discreteflow_jax.models.llama import Llama, LlamaConfig
     from discreteflow_jax.tasks.teacher import TeacherBundle
 
@@ -572,9 +580,9 @@ def _gumbel_flow_and_teacher(conditioning: str) -> tuple[api.TokenFlowModel, obj
     c.gumbel = ml_collections.ConfigDict({"conditioning": conditioning})
     c.teacher = ml_collections.ConfigDict({"checkpoint": "", "hf": ""})
     cfg = parse_config(c)
-    m = TokenFlow(api.model_config(cfg), rngs=nnx.Rngs(0))
+    m = TokenFlow(model_config(cfg), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(m)
-    model = api.TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tok, "test")
+    model = TokenFlowModel(cfg, graphdef, nnx.to_pure_dict(state), tok, "test")
     t_cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=32, num_layers=1, num_heads=2, ffn_hidden=64, max_len=32,
                         bos_id=tok.bos_id, init_std=0.2)
     t_graphdef, t_state = nnx.split(Llama(t_cfg, rngs=nnx.Rngs(5)))
@@ -599,7 +607,7 @@ def test_gumbel_score_uses_the_teachers_posterior_noise(conditioning, monkeypatc
 
     got = model.score(text, teacher=teacher, seed=3)
     # The same windows, times and keys through the Gumbel validation loss (posterior noise).
-    windows, masks = api._windows(model.tokenizer, text, model.seq_len)
+    windows, masks = prompts.text_windows(model.tokenizer, text, model.seq_len)
     nb = model.config.flow.num_buckets
     tokens, mask = np.repeat(windows, nb, axis=0), np.repeat(masks, nb, axis=0)
     bucket = jnp.tile(jnp.arange(nb, dtype=jnp.float32), windows.shape[0])

@@ -275,10 +275,10 @@ def test_sample_cli_errors_are_readable(tmp_path, workdirs, capsys):
 
 
 def test_gen_ppl_through_the_python_api(workdirs):
-    from discreteflow_jax.inference import api
+    from discreteflow_jax.inference.load import load
 
-    teacher = api.load(workdirs["teacher"], workdirs["data"])
-    flow_model = api.load(workdirs["flow"], workdirs["data"])
+    teacher = load(workdirs["teacher"], workdirs["data"])
+    flow_model = load(workdirs["flow"], workdirs["data"])
     out = flow_model.gen_ppl(["ROMEO: I will go.", "To be"], teacher)
     assert out["scored_tokens"] == len(teacher.tokenizer.encode("ROMEO: I will go.")) + len(
         teacher.tokenizer.encode("To be"))

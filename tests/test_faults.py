@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, load_config
 
 from discreteflow_jax.config.presets import set_fields
-from discreteflow_jax.inference import api
+from discreteflow_jax.inference.load import load
 from discreteflow_jax.io import checkpoint as ckpt
 from discreteflow_jax.training import experiment
 
@@ -175,12 +175,12 @@ def test_load_sample_export_fall_back_or_name_loadable_steps(trained, tmp_path, 
     workdir = copy_run(trained, tmp_path)
     damage(workdir, STEPS, "corrupted")
     with caplog.at_level(logging.WARNING, logger="discreteflow_jax"):
-        model = api.load(workdir, data_dir)
+        model = load(workdir, data_dir)
     assert model.step == 6
     assert f"step {STEPS} ({step_dir(workdir, STEPS)}) is damaged" in caplog.text
     assert "falling back to the checkpoint at step 6" in caplog.text
     with pytest.raises(ckpt.CheckpointDamagedError, match=r"steps that load: 6, 3; pick one with step=6"):
-        api.load(workdir, data_dir, step=STEPS)
+        load(workdir, data_dir, step=STEPS)
     assert os.path.isdir(step_dir(workdir, STEPS))  # readers never move or delete anything
 
     env = dict(os.environ, DISCRETEFLOW_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
@@ -406,23 +406,24 @@ def test_hf_truncated_weights_file_is_named(tmp_path):
 def test_damaged_export_names_file_and_tensor(trained, tmp_path, data_dir):
     from safetensors.numpy import load_file, save_file
 
-    from discreteflow_jax import export
+    from discreteflow_jax.inference.export import export_workdir
+    from discreteflow_jax.io import export_format
 
     out = str(tmp_path / "export")
-    export.export_workdir(trained[0], out, data_dir)
-    weights = os.path.join(out, export.WEIGHTS_FILE)
+    export_workdir(trained[0], out, data_dir)
+    weights = os.path.join(out, export_format.WEIGHTS_FILE)
     tensors = load_file(weights)
     tensors["blocks.0.attn.q_proj.kernel"] = tensors["blocks.0.attn.q_proj.kernel"].astype(np.int64)
     tensors["final_norm.scale"] = tensors["final_norm.scale"][:-1]
     del tensors["blocks.1.mlp.up_proj.kernel"]
     save_file(tensors, weights)
-    with pytest.raises(export.ExportFormatError) as info:
-        api.load(out, data_dir)
+    with pytest.raises(export_format.ExportFormatError) as info:
+        load(out, data_dir)
     message = str(info.value)
     assert message.startswith(f"{weights} does not fit the model")
     assert "blocks.0.attn.q_proj.kernel: file has dtype int64, model needs floating point" in message
     assert "final_norm.scale: file has (31,), model needs (32,)" in message
     assert "missing parameters: ['blocks.1.mlp.up_proj.kernel']" in message
     os.truncate(weights, os.path.getsize(weights) // 2)
-    with pytest.raises(export.ExportFormatError, match=re.escape(f"cannot read {weights}: SafetensorError")):
-        api.load(out, data_dir)
+    with pytest.raises(export_format.ExportFormatError, match=re.escape(f"cannot read {weights}: SafetensorError")):
+        load(out, data_dir)

@@ -32,7 +32,7 @@ def test_train_resume_and_sample(tmp_path, data_dir, monkeypatch):
     import discreteflow_jax as dfj
     from discreteflow_jax.data import tokenizers
     from discreteflow_jax.evaluate import validation_loss
-    from discreteflow_jax.export import export_workdir
+    from discreteflow_jax.inference.export import export_workdir
 
     workdir = str(tmp_path / "run")
     first = experiment.run(smoke(**{"train.num_steps": 3}), workdir, data_dir=data_dir)

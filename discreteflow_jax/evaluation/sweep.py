@@ -203,7 +203,7 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
               data_dir: str | None = None, scorer_tokenizer: str | None = None,
               scorer_batch_size: int = 32) -> dict[str, Any]:
     """Evaluates every flow model at every K (and every teacher once), writes the report files."""
-    from discreteflow_jax.inference import api
+    from discreteflow_jax.inference.load import load
 
     settings.validate()
     for name, path in models.items():  # every path is checked before anything is loaded or compiled
@@ -213,7 +213,7 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
         log.warning("num_samples=%d < %d: fine for a smoke test, too few for reported numbers",
                     settings.num_samples, MIN_STUDY_SAMPLES)
     scorer = Scorer.load(scorer_spec, data_dir, tokenizer=scorer_tokenizer, batch_size=scorer_batch_size)
-    loaded = {name: api.load(path, data_dir) for name, path in models.items()}
+    loaded = {name: load(path, data_dir) for name, path in models.items()}
     if not any(is_autoregressive(m) for m in loaded.values()):
         log.warning("no autoregressive teacher among --models: the table will have no teacher reference")
     length = settings.length or min(natural_length(m) for m in loaded.values())
