@@ -8,7 +8,7 @@ teacher, given as a training workdir (its newest checkpoint) or an export direct
     python -m discreteflow_jax.sample --workdir=runs/teacher --num_samples=4   # --steps does not apply
 
 Samples are printed and written to one text file, ``<workdir>/samples/sample_K<K>_seed<S>.txt`` by
-default (``--out`` to choose). Batch i of the samples uses the seed ``sweep.batch_seed(seed, i)``,
+default (``--out`` to choose). Batch i of the samples uses the seed ``inference.batches.batch_seed(seed, i)``,
 the same as ``python -m discreteflow_jax.evaluate sweep``, so the sweep's samples for one K are
 reproduced by ``--num_samples``, ``--steps``, ``--seed`` and ``--batch_size`` of that sweep.
 Every argument is checked before anything compiles.
@@ -21,9 +21,6 @@ import hashlib
 import logging
 import os
 import sys
-from typing import Any
-
-import numpy as np
 
 from discreteflow_jax.flow import TIME_GRIDS
 
@@ -82,45 +79,25 @@ def default_out(args: argparse.Namespace, steps: int | None) -> str:
     return os.path.join(os.path.expanduser(args.workdir), "samples", name + ".txt")
 
 
-def sample_texts(model: Any, args: argparse.Namespace) -> tuple[list[str], int | None]:
-    """Draws the samples in batches; returns (texts, the K used or None for a teacher)."""
-    from discreteflow_jax.evaluate import is_autoregressive
-    from discreteflow_jax.evaluation.sweep import batch_seed, natural_length
-
-    kwargs: dict[str, Any] = {"prompt": args.prompt, "template": args.template}
-    if args.blank_length is not None:
-        kwargs["blank_length"] = args.blank_length
-    if args.temperature is not None:
-        kwargs["temperature"] = args.temperature
-    if is_autoregressive(model):
-        if args.steps is not None:
-            logging.getLogger("discreteflow_jax").warning("--steps does not apply to an autoregressive model")
-        steps = None
-        kwargs["length"] = args.length or natural_length(model)
-    else:
-        steps = args.steps if args.steps is not None else model.config.sample.steps
-        kwargs.update(schedule=args.schedule, schedule_param=args.schedule_param, condition=args.condition)
-        if args.length:
-            kwargs["length"] = args.length
-    texts: list[str] = []
-    for i, start in enumerate(range(0, args.num_samples, args.batch_size)):
-        count = min(args.batch_size, args.num_samples - start)
-        tokens = model.sample_tokens(count, steps, batch_seed(args.seed, i), **kwargs)
-        texts += [model.tokenizer.decode_until_eos(np.asarray(row)) for row in tokens]
-    return texts, steps
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    from discreteflow_jax.inference.batches import sample_texts
     from discreteflow_jax.inference.load import load
     from discreteflow_jax.training.experiment import USER_ERRORS
 
     try:
         check_args(args)
         model = load(args.workdir, args.data_dir, step=args.step)
-        texts, steps = sample_texts(model, args)
+        kwargs = {"prompt": args.prompt, "template": args.template, "schedule": args.schedule,
+                  "schedule_param": args.schedule_param, "condition": args.condition}
+        if args.blank_length is not None:
+            kwargs["blank_length"] = args.blank_length
+        if args.temperature is not None:
+            kwargs["temperature"] = args.temperature
+        texts, steps = sample_texts(model, args.num_samples, args.steps, args.seed, batch_size=args.batch_size,
+                                    length=args.length, **kwargs)
     except (ValueError, *USER_ERRORS) as err:  # bad arguments and unreadable workdirs: a message, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

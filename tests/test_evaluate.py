@@ -18,7 +18,8 @@ from flax import nnx
 from discreteflow_jax import evaluate
 from discreteflow_jax import sample as sample_cli
 from discreteflow_jax.data.tokenizers import Tokenizer
-from discreteflow_jax.evaluate import Scorer
+from discreteflow_jax.evaluation import metrics
+from discreteflow_jax.evaluation.genppl import Scorer, gen_ppl
 from discreteflow_jax.models.generate import generate
 from discreteflow_jax.models.llama import Llama, LlamaConfig
 
@@ -72,17 +73,17 @@ def fixed_scorer(probs: list[float], max_len: int = 8, tokenizer: Tokenizer | No
 
 def test_unigram_entropy_and_repeated_ngrams_by_hand():
     # counts {1: 2, 2: 1, 3: 1}: H = -(1/2 ln 1/2 + 2 · 1/4 ln 1/4) = 1.5 ln 2
-    assert evaluate.unigram_entropy([1, 1, 2, 3]) == pytest.approx(1.5 * math.log(2))
-    assert evaluate.unigram_entropy([5, 5, 5]) == 0.0
-    assert evaluate.unigram_entropy([]) == 0.0
+    assert metrics.unigram_entropy([1, 1, 2, 3]) == pytest.approx(1.5 * math.log(2))
+    assert metrics.unigram_entropy([5, 5, 5]) == 0.0
+    assert metrics.unigram_entropy([]) == 0.0
     # bigrams 12 21 12 21 12: 5 of them, 2 distinct -> 3 repeats
-    assert evaluate.repeated_ngram_rate([1, 2, 1, 2, 1, 2], n=2) == pytest.approx(3 / 5)
-    assert evaluate.repeated_ngram_rate([1, 2, 3, 4, 5], n=4) == 0.0
-    assert math.isnan(evaluate.repeated_ngram_rate([1, 2, 3], n=4))
-    assert evaluate.truncate_at_eos([4, 5, 1, 6, 1], eos_id=1) == [4, 5]
-    assert evaluate.truncate_at_eos(np.array([4, 5]), eos_id=1) == [4, 5]
+    assert metrics.repeated_ngram_rate([1, 2, 1, 2, 1, 2], n=2) == pytest.approx(3 / 5)
+    assert metrics.repeated_ngram_rate([1, 2, 3, 4, 5], n=4) == 0.0
+    assert math.isnan(metrics.repeated_ngram_rate([1, 2, 3], n=4))
+    assert metrics.truncate_at_eos([4, 5, 1, 6, 1], eos_id=1) == [4, 5]
+    assert metrics.truncate_at_eos(np.array([4, 5]), eos_id=1) == [4, 5]
 
-    stats = evaluate.sample_statistics([[1, 1, 2, 3], [], [7, 7, 7, 7, 7]], ngram=4)
+    stats = metrics.sample_statistics([[1, 1, 2, 3], [], [7, 7, 7, 7, 7]], ngram=4)
     # the empty sample counts as entropy 0; it has no 4-grams and is left out of the repeat rate
     assert stats["entropy"] == pytest.approx(1.5 * math.log(2) / 3)
     assert stats["rep4"] == pytest.approx((0.0 + 1 / 2) / 2)
@@ -124,7 +125,7 @@ def test_different_tokenizers_are_bridged_through_text():
     assert scorer.prepare(samples, sampler_tok) == [scorer_tok.encode("abca")]
     out = scorer.score(samples, sampler_tok)
     assert out["scored_tokens"] == 4 and out["gen_ppl"] == pytest.approx(2**1.5, rel=1e-5)
-    assert evaluate.gen_ppl(["abca"], scorer)["gen_ppl"] == pytest.approx(2**1.5, rel=1e-5)
+    assert gen_ppl(["abca"], scorer)["gen_ppl"] == pytest.approx(2**1.5, rel=1e-5)
 
 
 def test_scorer_from_a_hugging_face_directory(tmp_path, data_dir):
@@ -279,9 +280,9 @@ def test_gen_ppl_through_the_python_api(workdirs):
 
     teacher = load(workdirs["teacher"], workdirs["data"])
     flow_model = load(workdirs["flow"], workdirs["data"])
-    out = flow_model.gen_ppl(["ROMEO: I will go.", "To be"], teacher)
+    out = gen_ppl(["ROMEO: I will go.", "To be"], teacher)
     assert out["scored_tokens"] == len(teacher.tokenizer.encode("ROMEO: I will go.")) + len(
         teacher.tokenizer.encode("To be"))
     assert out["gen_ppl"] > 1
     with pytest.raises(ValueError, match="cannot score"):
-        evaluate.gen_ppl(["x"], flow_model)
+        gen_ppl(["x"], flow_model)

@@ -31,7 +31,7 @@ def params_of(result) -> list[np.ndarray]:
 def test_train_resume_and_sample(tmp_path, data_dir, monkeypatch):
     import discreteflow_jax as dfj
     from discreteflow_jax.data import tokenizers
-    from discreteflow_jax.evaluate import validation_loss
+    from discreteflow_jax.evaluation.metrics import validation_loss
     from discreteflow_jax.inference.export import export_workdir
 
     workdir = str(tmp_path / "run")
