@@ -1,4 +1,6 @@
-"""Command line of the steps-vs-quality sweep (``discreteflow_jax.evaluation.sweep``).
+r"""Steps-vs-quality sweep: samples every flow model at every K (and every teacher once), scores the
+samples by Gen-PPL under a scoring model, unigram entropy and repeated n-grams, with each model's
+validation loss (``discreteflow_jax.evaluation``).
 
     python -m discreteflow_jax.evaluate sweep \
         --models=baseline=runs/baseline,gumbel=runs/gumbel,teacher=runs/teacher \
@@ -6,78 +8,81 @@
 
 writes ``sweep.md`` (tables), ``sweep.csv`` (one row per model and K), ``sweep.json``, ``sweep.png``
 (Gen-PPL and entropy against K) and every sample as text under ``samples/`` into ``--out``.
+Finished cells are cached in ``--out``/cells: adding a model or a K recomputes only what is new.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import sys
 
-from discreteflow_jax.evaluation.sweep import DEFAULT_STEPS
+from absl import flags
+
+from discreteflow_jax import cli
+from discreteflow_jax.evaluation.report import markdown_tables
+from discreteflow_jax.evaluation.sweep import DEFAULT_STEPS, SweepSettings, parse_models, run_sweep
 from discreteflow_jax.flow import TIME_GRIDS
 
-# ---------------------------------------------------------------------------------------------
-# CLI
+COMMANDS = ("sweep",)
+
+FLAGS = cli.new_flags(__doc__)
+flags.DEFINE_string("models", None, "name=WORKDIR,... flow models and teachers (workdirs or exports)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("scorer", None, "teacher workdir/export, Hugging Face directory, or Hub id (gpt2)",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("scorer_tokenizer", None, ["llama", "gpt2"],
+                  "tokenizer of a Hugging Face scorer (default: by architecture)", flag_values=FLAGS)
+flags.DEFINE_list("steps", [str(k) for k in DEFAULT_STEPS], "comma-separated K values", flag_values=FLAGS)
+flags.DEFINE_integer("num_samples", 64, "samples per model and K", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "sampling seed (batch i uses a seed derived from it and i)", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 64, "samples per sampler call", flag_values=FLAGS)
+flags.DEFINE_enum("schedule", "uniform", list(TIME_GRIDS), "flow time grid", flag_values=FLAGS)
+flags.DEFINE_float("schedule_param", 2.0, "exponent of the power grid", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 1.0, "flow sampler temperature", flag_values=FLAGS)
+flags.DEFINE_float("teacher_temperature", 1.0, "autoregressive sampling temperature", flag_values=FLAGS)
+flags.DEFINE_integer("ngram", 4, "n of the repeated-n-gram rate", flag_values=FLAGS)
+flags.DEFINE_integer("length", 0, "tokens per sample (0: the shortest model's)", flag_values=FLAGS)
+flags.DEFINE_integer("scorer_batch_size", 32, "sequences per scorer call", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "offline data folder (tokenizers, validation text)", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output folder for sweep.md/.csv/.json/.png and samples/", flag_values=FLAGS)
+flags.mark_flags_as_required(["models", "scorer", "out"], flag_values=FLAGS)
 
 
-def _csv_ints(text: str) -> tuple[int, ...]:
+def _ints(name: str, values: list[str]) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+        return tuple(int(x) for x in values if x.strip())
+    except ValueError:
+        raise ValueError(f"--{name} must be comma-separated integers, got {','.join(values)!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m discreteflow_jax.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sw = sub.add_parser("sweep", help="steps-vs-quality sweep: every model at every K, table + CSV + plot")
-    sw.add_argument("--models", required=True, help="name=WORKDIR,... flow models and teachers (workdirs or exports)")
-    sw.add_argument("--scorer", required=True, help="teacher workdir/export, Hugging Face directory, or Hub id (gpt2)")
-    sw.add_argument("--scorer_tokenizer", default=None, choices=["llama", "gpt2"],
-                    help="tokenizer of a Hugging Face scorer (default: by architecture)")
-    sw.add_argument("--steps", type=_csv_ints, default=DEFAULT_STEPS, help="comma-separated K values")
-    sw.add_argument("--num_samples", type=int, default=64)
-    sw.add_argument("--seed", type=int, default=0)
-    sw.add_argument("--batch_size", type=int, default=64, help="samples per sampler call")
-    sw.add_argument("--schedule", default="uniform", choices=list(TIME_GRIDS), help="flow time grid")
-    sw.add_argument("--schedule_param", type=float, default=2.0, help="exponent of the power grid")
-    sw.add_argument("--temperature", type=float, default=1.0, help="flow sampler temperature")
-    sw.add_argument("--teacher_temperature", type=float, default=1.0, help="autoregressive sampling temperature")
-    sw.add_argument("--ngram", type=int, default=4, help="n of the repeated-n-gram rate")
-    sw.add_argument("--length", type=int, default=0, help="tokens per sample (0: the shortest model's)")
-    sw.add_argument("--scorer_batch_size", type=int, default=32)
-    sw.add_argument("--data_dir", default=None, help="offline data folder (tokenizers, validation text)")
-    sw.add_argument("--out", required=True, help="output folder for sweep.md/.csv/.json/.png and samples/")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    from discreteflow_jax.evaluation.sweep import SweepSettings, markdown_tables, parse_models, run_sweep
-    from discreteflow_jax.inference.load import LoadError
+def main(argv: list[str]) -> int:
+    """Runs the command named by the one positional argument (``sweep``)."""
+    if argv[1:] != ["sweep"]:
+        return cli.fail(f"expected one command, one of {', '.join(COMMANDS)} (got {argv[1:] or 'none'}): "
+                        "python -m discreteflow_jax.evaluate sweep --models=... --scorer=... --out=...")
+    cli.setup_logging()
     from discreteflow_jax.training.experiment import USER_ERRORS
 
-    settings = SweepSettings(
-        steps=args.steps, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
-        schedule=args.schedule, schedule_param=args.schedule_param, temperature=args.temperature,
-        teacher_temperature=args.teacher_temperature, ngram=args.ngram, length=args.length,
-    )
     try:
-        models = parse_models(args.models)
-        report = run_sweep(models, args.scorer, settings, args.out, args.data_dir, args.scorer_tokenizer,
-                           args.scorer_batch_size)
-    except (ValueError, LoadError, *USER_ERRORS) as err:  # readable messages for input errors
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        settings = SweepSettings(
+            steps=_ints("steps", FLAGS.steps), num_samples=FLAGS.num_samples, seed=FLAGS.seed,
+            batch_size=FLAGS.batch_size, schedule=FLAGS.schedule, schedule_param=FLAGS.schedule_param,
+            temperature=FLAGS.temperature, teacher_temperature=FLAGS.teacher_temperature, ngram=FLAGS.ngram,
+            length=FLAGS.length,
+        )
+        models = parse_models(FLAGS.models)
+        report = run_sweep(models, FLAGS.scorer, settings, FLAGS.out, FLAGS.data_dir, FLAGS.scorer_tokenizer,
+                           FLAGS.scorer_batch_size)
+    except (ValueError, *USER_ERRORS) as err:  # readable messages for input errors (LoadError is a ValueError)
+        return cli.fail(err)
     print(markdown_tables(report))
-    print(f"wrote {os.path.join(args.out, 'sweep.md')}, sweep.csv, sweep.json, sweep.png and samples/")
+    print(f"wrote {os.path.join(FLAGS.out, 'sweep.md')}, sweep.csv, sweep.json, sweep.png and samples/")
     return 0
 
 
+def run(args: list[str]) -> int:
+    """``python -m discreteflow_jax.evaluate ARGS...`` in this process; returns the exit code."""
+    return cli.call(main, FLAGS, args, prog="python -m discreteflow_jax.evaluate")
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main, FLAGS)

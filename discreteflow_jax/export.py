@@ -1,41 +1,46 @@
-"""Exports a trained workdir to a self-describing directory that ``discreteflow_jax.load`` reads
-without the original config file or workdir (layout: ``discreteflow_jax.io.export_format``).
+"""Exports a trained workdir (its newest checkpoint that loads, or --step) to a self-describing
+directory that ``discreteflow_jax.load`` reads without the original config file or workdir:
+``config.json``, ``model.safetensors`` and the tokenizer files (``discreteflow_jax.io.export_format``).
+A LLaMA teacher's export is also a Hugging Face directory.
 
     python -m discreteflow_jax.export --workdir=runs/baseline --out=exports/baseline
 """
 
 from __future__ import annotations
 
-import logging
-import sys
+from absl import flags
 
-# ---------------------------------------------------------------------------------------------
-# CLI
+from discreteflow_jax import cli
+
+FLAGS = cli.new_flags(__doc__)
+flags.DEFINE_string("workdir", None, "training workdir (its newest checkpoint that loads is exported)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "checkpoint step (default: the newest that loads)", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "data folder holding the tokenizer files to ship", flag_values=FLAGS)
+flags.mark_flags_as_required(["workdir", "out"], flag_values=FLAGS)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Export a trained workdir to a self-describing directory.")
-    parser.add_argument("--workdir", required=True,
-                        help="training workdir (its newest checkpoint that loads is exported)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest that loads)")
-    parser.add_argument("--data_dir", default=None, help="data folder holding the tokenizer files to ship")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)
+def main(argv: list[str]) -> int:
+    """Loads the workdir's model and writes the export."""
+    if len(argv) > 1:
+        return cli.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
+    cli.setup_logging()
     from discreteflow_jax.inference.export import export_workdir
     from discreteflow_jax.training.experiment import USER_ERRORS
 
     try:
-        out = export_workdir(args.workdir, args.out, args.data_dir, args.step)
+        out = export_workdir(FLAGS.workdir, FLAGS.out, FLAGS.data_dir, FLAGS.step)
     except (ValueError, OSError, *USER_ERRORS) as err:  # unreadable workdirs, unwritable --out: a message
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {args.workdir} to {out}")
+        return cli.fail(err)
+    print(f"exported {FLAGS.workdir} to {out}")
     return 0
 
 
+def run(args: list[str]) -> int:
+    """``python -m discreteflow_jax.export ARGS...`` in this process; returns the exit code."""
+    return cli.call(main, FLAGS, args, prog="python -m discreteflow_jax.export")
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main, FLAGS)

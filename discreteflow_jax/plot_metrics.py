@@ -10,80 +10,39 @@ how much the network's predictions use the surrounding text.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder holding metrics.jsonl.")
-_OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/val_loss_by_t.png).")
-_REFERENCE = flags.DEFINE_float("reference", None, "Draw a horizontal reference line (nats).")
+from discreteflow_jax import cli
 
-
-def bucket_curves(metrics_path: str, prefix: str = "val") -> dict[str, list[tuple[int, float]]]:
-    """{metric name: [(step, value), ...]} for the mean loss, every t-bucket and the context gain."""
-    if not os.path.exists(metrics_path):
-        raise FileNotFoundError(f"{metrics_path} does not exist; is this a training workdir?")
-    curves: dict[str, list[tuple[int, float]]] = {}
-    with open(metrics_path) as f:
-        for line in f:
-            row = json.loads(line)
-            for key, value in row.items():
-                if key == f"{prefix}/loss" or key.startswith((f"{prefix}/loss_t", f"{prefix}/context_gain")):
-                    curves.setdefault(key, []).append((int(row["step"]), float(value)))
-    return curves
+FLAGS = cli.new_flags(__doc__)
+flags.DEFINE_string("workdir", None, "run folder holding metrics.jsonl", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/val_loss_by_t.png)", flag_values=FLAGS)
+flags.DEFINE_float("reference", None, "draw a horizontal reference line (nats)", flag_values=FLAGS)
+flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
-def plot(curves: dict[str, list[tuple[int, float]]], out: str, reference: float | None = None) -> str:
-    import matplotlib
+def main(argv: list[str]) -> int:
+    """Reads the curves and writes the plot; prints its path."""
+    if len(argv) > 1:
+        return cli.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
+    from discreteflow_jax.evaluation.curves import bucket_curves, plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    gain_keys = sorted(k for k in curves if "/context_gain" in k)
-    loss_keys = sorted(k for k in curves if k not in gain_keys)
-    fig, axes = plt.subplots(1, 2 if gain_keys else 1, figsize=(14 if gain_keys else 8, 5), squeeze=False)
-    ax = axes[0, 0]
-    _lines(ax, curves, loss_keys, mean_suffix="/loss")
-    if reference is not None:
-        ax.axhline(reference, color="gray", linestyle="--", label=f"reference {reference:.2f}")
-    ax.set_ylabel("validation flow loss (nats/token)")
-    ax.set_title("Validation loss by flow time t")
-    ax.legend(fontsize=7, ncol=2)
-    if gain_keys:
-        ax = axes[0, 1]
-        _lines(ax, curves, gain_keys, mean_suffix="/context_gain")
-        ax.axhline(0.0, color="gray", linestyle="--")
-        ax.set_ylabel("loss increase without context (nats/token)")
-        ax.set_title("Context gain by flow time t (0: each position denoised alone)")
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
-
-def _lines(ax, curves: dict[str, list[tuple[int, float]]], keys: list[str], mean_suffix: str) -> None:
-    for key in keys:
-        steps, values = zip(*sorted(curves[key]))
-        style = {"color": "black", "linewidth": 2.5} if key.endswith(mean_suffix) else {}
-        ax.plot(steps, values, marker="o", markersize=3, label=key.split("/", 1)[1], **style)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
-    curves = bucket_curves(os.path.join(_WORKDIR.value, "metrics.jsonl"))
+    try:
+        curves = bucket_curves(os.path.join(FLAGS.workdir, "metrics.jsonl"))
+    except FileNotFoundError as err:
+        return cli.fail(err)
     if not curves:
-        print(f"error: no validation metrics in {_WORKDIR.value}/metrics.jsonl yet", file=sys.stderr)
-        sys.exit(2)
-    out = plot(curves, _OUT.value or os.path.join(_WORKDIR.value, "val_loss_by_t.png"), _REFERENCE.value)
-    print(out)
+        return cli.fail(f"no validation metrics in {FLAGS.workdir}/metrics.jsonl yet")
+    print(plot(curves, FLAGS.out or os.path.join(FLAGS.workdir, "val_loss_by_t.png"), FLAGS.reference))
+    return 0
+
+
+def run(args: list[str]) -> int:
+    """``python -m discreteflow_jax.plot_metrics ARGS...`` in this process; returns the exit code."""
+    return cli.call(main, FLAGS, args, prog="python -m discreteflow_jax.plot_metrics")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, FLAGS)

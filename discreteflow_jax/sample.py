@@ -1,4 +1,4 @@
-"""Sample text from a trained model: a TokenFlow baseline, a Gumbel TokenFlow or an autoregressive
+r"""Sample text from a trained model: a TokenFlow baseline, a Gumbel TokenFlow or an autoregressive
 teacher, given as a training workdir (its newest checkpoint) or an export directory.
 
     python -m discreteflow_jax.sample --workdir=runs/baseline --num_samples=8 --steps=32
@@ -11,47 +11,46 @@ Samples are printed and written to one text file, ``<workdir>/samples/sample_K<K
 default (``--out`` to choose). Batch i of the samples uses the seed ``inference.batches.batch_seed(seed, i)``,
 the same as ``python -m discreteflow_jax.evaluate sweep``, so the sweep's samples for one K are
 reproduced by ``--num_samples``, ``--steps``, ``--seed`` and ``--batch_size`` of that sweep.
-Every argument is checked before anything compiles.
+Every flag is checked before anything compiles.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import logging
 import os
-import sys
 
+from absl import flags
+
+from discreteflow_jax import cli
+from discreteflow_jax.conditioning import CONDITION_MODES
 from discreteflow_jax.flow import TIME_GRIDS
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m discreteflow_jax.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="training workdir or export directory")
-    p.add_argument("--num_samples", type=int, default=4)
-    p.add_argument("--steps", type=int, default=None, help="flow steps K (default: the training config's)")
-    p.add_argument("--batch_size", type=int, default=64, help="samples per sampler call")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=None,
-                   help="flow: divides the logits inside the sampler; teacher: sampling temperature (default 1)")
-    p.add_argument("--schedule", default=None, choices=list(TIME_GRIDS), help="flow time grid (default: config's)")
-    p.add_argument("--schedule_param", type=float, default=None, help="exponent of the power time grid")
-    p.add_argument("--prompt", default=None, help="text the samples start with")
-    p.add_argument("--template", default=None, help="text with blanks (___) to fill in (flow models only)")
-    p.add_argument("--blank_length", type=int, default=None, help="tokens per blank of --template")
-    p.add_argument("--condition", default="clamp", choices=["clamp", "path"],
-                   help="how a flow model holds known tokens (see discreteflow_jax.inference.api)")
-    p.add_argument("--length", type=int, default=0, help="tokens per sample (0: the training context)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: the newest)")
-    p.add_argument("--data_dir", default=None, help="offline data folder holding the tokenizer files")
-    p.add_argument("--out", default=None,
-                   help="text file to write (default: <workdir>/samples/sample_K<K>_seed<S>.txt)")
-    p.add_argument("--quiet", action="store_true", help="do not print the samples")
-    return p
+FLAGS = cli.new_flags(__doc__)
+flags.DEFINE_string("workdir", None, "training workdir or export directory", flag_values=FLAGS)
+flags.DEFINE_integer("num_samples", 4, "number of samples", flag_values=FLAGS)
+flags.DEFINE_integer("steps", None, "flow steps K (default: the training config's)", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 64, "samples per sampler call", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
+flags.DEFINE_float("temperature", None,
+                   "flow: divides the logits inside the sampler; teacher: sampling temperature (default 1)",
+                   flag_values=FLAGS)
+flags.DEFINE_enum("schedule", None, list(TIME_GRIDS), "flow time grid (default: the config's)", flag_values=FLAGS)
+flags.DEFINE_float("schedule_param", None, "exponent of the power time grid", flag_values=FLAGS)
+flags.DEFINE_string("prompt", None, "text the samples start with", flag_values=FLAGS)
+flags.DEFINE_string("template", None, "text with blanks (___) to fill in (flow models only)", flag_values=FLAGS)
+flags.DEFINE_integer("blank_length", None, "tokens per blank of --template", flag_values=FLAGS)
+flags.DEFINE_enum("condition", "clamp", list(CONDITION_MODES),
+                  "how a flow model holds known tokens (see discreteflow_jax.conditioning)", flag_values=FLAGS)
+flags.DEFINE_integer("length", 0, "tokens per sample (0: the training context)", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "checkpoint step of a workdir (default: the newest that loads)", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "offline data folder holding the tokenizer files", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "text file to write (default: <workdir>/samples/sample_K<K>_seed<S>.txt)",
+                    flag_values=FLAGS)
+flags.DEFINE_boolean("quiet", False, "do not print the samples", flag_values=FLAGS)
+flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: flags.FlagValues) -> None:
     """Errors a person can fix, raised before any checkpoint is read."""
     if not os.path.isdir(os.path.expanduser(args.workdir)):
         raise ValueError(f"--workdir={args.workdir} is not a directory (a training workdir or an export)")
@@ -70,7 +69,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--length must be >= 0, got {args.length}")
 
 
-def default_out(args: argparse.Namespace, steps: int | None) -> str:
+def default_out(args: flags.FlagValues, steps: int | None) -> str:
+    """The file the samples go to without --out: one per K, seed and prompt/template."""
     tag = f"K{steps}" if steps is not None else "ar"
     name = f"sample_{tag}_seed{args.seed}"
     cond = args.prompt if args.prompt is not None else args.template
@@ -79,14 +79,16 @@ def default_out(args: argparse.Namespace, steps: int | None) -> str:
     return os.path.join(os.path.expanduser(args.workdir), "samples", name + ".txt")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)
+def main(argv: list[str]) -> int:
+    """Loads the model, draws the samples, prints them and writes them to one file."""
+    if len(argv) > 1:
+        return cli.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
+    cli.setup_logging()
     from discreteflow_jax.inference.batches import sample_texts
     from discreteflow_jax.inference.load import load
     from discreteflow_jax.training.experiment import USER_ERRORS
 
+    args = FLAGS
     try:
         check_args(args)
         model = load(args.workdir, args.data_dir, step=args.step)
@@ -98,9 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             kwargs["temperature"] = args.temperature
         texts, steps = sample_texts(model, args.num_samples, args.steps, args.seed, batch_size=args.batch_size,
                                     length=args.length, **kwargs)
-    except (ValueError, *USER_ERRORS) as err:  # bad arguments and unreadable workdirs: a message, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, *USER_ERRORS) as err:  # bad flags and unreadable workdirs: a message, no traceback
+        return cli.fail(err)
     k_text = f"K={steps}" if steps is not None else "autoregressive"
     blocks = [f"=== sample {j} ({k_text}, seed {args.seed}) ===\n{text}\n" for j, text in enumerate(texts)]
     out = args.out or default_out(args, steps)
@@ -113,5 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(args: list[str]) -> int:
+    """``python -m discreteflow_jax.sample ARGS...`` in this process; returns the exit code."""
+    return cli.call(main, FLAGS, args, prog="python -m discreteflow_jax.sample")
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main, FLAGS)

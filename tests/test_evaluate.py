@@ -213,7 +213,7 @@ def test_smoke_sweep_writes_table_csv_and_plot(tmp_path, workdirs):
     models = f"--models=flow={flow_dir},gumbel={gumbel_dir},teacher={teacher_dir}"
     argv = ["sweep", models, f"--scorer={teacher_dir}", "--steps=1,2",
             "--num_samples=4", "--batch_size=2", "--seed=0", f"--data_dir={workdirs['data']}", f"--out={out}"]
-    assert evaluate.main(argv) == 0
+    assert evaluate.run(argv) == 0
     for name in ("sweep.md", "sweep.csv", "sweep.json", "sweep.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     rows = list(csv.DictReader(open(os.path.join(out, "sweep.csv"))))
@@ -232,28 +232,28 @@ def test_smoke_sweep_writes_table_csv_and_plot(tmp_path, workdirs):
 
     # A second run with one more K reuses the finished cells and adds the new one.
     before = os.path.getmtime(os.path.join(out, "cells", "flow_K1.json"))
-    assert evaluate.main(argv[:3] + ["--steps=1,2,4"] + argv[4:]) == 0
+    assert evaluate.run(argv[:3] + ["--steps=1,2,4"] + argv[4:]) == 0
     assert os.path.getmtime(os.path.join(out, "cells", "flow_K1.json")) == before
     assert os.path.isfile(os.path.join(out, "cells", "flow_K4.json"))
 
 
 def test_sweep_rejects_bad_inputs_before_loading(tmp_path, capsys):
-    assert evaluate.main(["sweep", "--models=a", "--scorer=x", f"--out={tmp_path}"]) == 2
+    assert evaluate.run(["sweep", "--models=a", "--scorer=x", f"--out={tmp_path}"]) == 2
     assert "name=WORKDIR" in capsys.readouterr().err
-    assert evaluate.main(["sweep", f"--models=a={tmp_path / 'missing'}", "--scorer=x", f"--out={tmp_path}"]) == 2
+    assert evaluate.run(["sweep", f"--models=a={tmp_path / 'missing'}", "--scorer=x", f"--out={tmp_path}"]) == 2
     assert "not a directory" in capsys.readouterr().err
-    assert evaluate.main(["sweep", f"--models=a={tmp_path}", "--scorer=x", "--steps=0", f"--out={tmp_path}"]) == 2
+    assert evaluate.run(["sweep", f"--models=a={tmp_path}", "--scorer=x", "--steps=0", f"--out={tmp_path}"]) == 2
     assert "--steps" in capsys.readouterr().err
 
 
 def test_sample_cli_flow_and_teacher(tmp_path, workdirs, capsys):
     data = f"--data_dir={workdirs['data']}"
-    assert sample_cli.main([f"--workdir={workdirs['flow']}", "--num_samples=3", "--steps=2", "--batch_size=2",
+    assert sample_cli.run([f"--workdir={workdirs['flow']}", "--num_samples=3", "--steps=2", "--batch_size=2",
                             "--quiet", data]) == 0
     written = os.path.join(workdirs["flow"], "samples", "sample_K2_seed0.txt")
     assert open(written).read().count("=== sample") == 3
     out = str(tmp_path / "teacher.txt")
-    assert sample_cli.main([f"--workdir={workdirs['teacher']}", "--num_samples=2", "--prompt=ROMEO:", data,
+    assert sample_cli.run([f"--workdir={workdirs['teacher']}", "--num_samples=2", "--prompt=ROMEO:", data,
                             f"--out={out}"]) == 0
     text = open(out).read()
     assert text.count("=== sample") == 2 and text.count("ROMEO:") == 2
@@ -262,7 +262,7 @@ def test_sample_cli_flow_and_teacher(tmp_path, workdirs, capsys):
 
 def test_sample_cli_errors_are_readable(tmp_path, workdirs, capsys):
     def fails(*argv: str) -> str:
-        assert sample_cli.main(list(argv)) == 2
+        assert sample_cli.run(list(argv)) == 2
         return capsys.readouterr().err
 
     assert "not a directory" in fails(f"--workdir={tmp_path / 'missing'}")

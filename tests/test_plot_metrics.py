@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from discreteflow_jax.plot_metrics import bucket_curves, plot
+from discreteflow_jax.evaluation.curves import bucket_curves, plot
 
 
 def test_bucket_curves_and_plot(tmp_path):
@@ -48,3 +48,13 @@ def test_context_gain_gets_its_own_panel(tmp_path):
 def test_missing_metrics_file_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="training workdir"):
         bucket_curves(str(tmp_path / "metrics.jsonl"))
+
+
+def test_command_line_writes_the_plot(tmp_path, capsys):
+    from discreteflow_jax import plot_metrics
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 10, "val/loss": 2.0, "val/loss_t0.0-0.1": 6.0}) + "\n")
+    assert plot_metrics.run([f"--workdir={tmp_path}", "--reference=6.3"]) == 0
+    assert (tmp_path / "val_loss_by_t.png").stat().st_size > 1000
+    assert plot_metrics.run([f"--workdir={tmp_path / 'nothing'}"]) == 2
+    assert "training workdir" in capsys.readouterr().err

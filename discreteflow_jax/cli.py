@@ -1,0 +1,94 @@
+"""Plumbing shared by the command-line entry points (``main``, ``sample``, ``evaluate``, ``export``,
+``plot_metrics``).
+
+Each entry module keeps its flags in its own ``flags.FlagValues`` made by ``new_flags``, so several
+entry modules can be imported into one process (the tests do) without clashing over common names
+such as ``--workdir``. ``run`` starts an entry point through ``absl.app.run``; ``call`` runs the
+same parsing and ``main`` in-process. ``--help`` prints the module docstring and the flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+USAGE_ERROR = 2  # exit code of a bad flag or a user error (argparse's convention): a message, no traceback
+
+
+class _HelpFlag(flags.BooleanFlag):
+    """``--help`` and friends: the entry point's docstring and its flags on stdout, then exit 0."""
+
+    def __init__(self, name: str, text: str, fv: flags.FlagValues, doc: str, short_name: str | None = None):
+        super().__init__(name, False, text, short_name=short_name)
+        self._fv, self._doc = fv, doc
+
+    def parse(self, argument: str) -> None:
+        if self._parse(argument):
+            print(usage(self._fv, self._doc))
+            raise SystemExit(0)
+
+
+def new_flags(doc: str | None) -> flags.FlagValues:
+    """An empty FlagValues for one entry point, with ``--help`` (``-?``), ``--helpshort`` and
+    ``--helpfull`` (all three print ``doc`` and every flag of this entry point)."""
+    fv = flags.FlagValues()
+    for name, short, text in (("help", "?", "show this help"), ("helpshort", None, "same as --help"),
+                              ("helpfull", None, "same as --help: every flag of this command")):
+        flags.DEFINE_flag(_HelpFlag(name, text, fv, doc or "", short), flag_values=fv)
+    return fv
+
+
+def usage(fv: flags.FlagValues, doc: str) -> str:
+    """The help text: what the entry point does (its docstring, with examples) and its flags."""
+    return f"{doc.strip()}\n\nflags:\n{fv.get_help(include_special_flags=False)}"
+
+
+def parse(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+    """Parses ``argv`` (program name first) into ``fv`` from scratch: flags not given take their
+    defaults, even when ``fv`` was parsed before. Returns the positional arguments, program name
+    first. A bad or missing flag prints a message and exits with ``USAGE_ERROR``."""
+    fv.unparse_flags()
+    for name in [n for n in fv if "." in n]:  # --config.x.y overrides an earlier parse defined
+        delattr(fv, name)
+    saved, sys.argv = sys.argv, list(argv)  # config_flags looks for the --config.x.y overrides in sys.argv
+    try:
+        return fv(list(argv))
+    except flags.Error as err:
+        print(f"error: {err}\nRun with --help to see the flags.", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR) from None
+    finally:
+        sys.argv = saved
+
+
+def call(main: Callable[[list[str]], int | None], fv: flags.FlagValues, args: Sequence[str],
+         prog: str = "discreteflow_jax") -> int:
+    """What the command line ``prog ARGS...`` does, in this process: parse ``args`` (flags and
+    positional arguments, no program name) into ``fv`` and return ``main``'s exit code."""
+    return main(parse(fv, [prog, *args])) or 0
+
+
+def run(main: Callable[[list[str]], int | None], fv: flags.FlagValues) -> None:
+    """Starts an entry point from ``sys.argv`` through ``absl.app.run`` (which exits with ``main``'s
+    return value)."""
+
+    def parser(argv: list[str]) -> list[str]:
+        rest = parse(fv, argv)
+        flags.FLAGS.mark_as_parsed()  # app.run insists its own (global) flags are parsed; none are used
+        return rest
+
+    app.run(main, flags_parser=parser)
+
+
+def setup_logging() -> None:
+    """INFO messages of the package on stderr, with time stamps; absl's own only from WARNING on."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def fail(err: BaseException | str) -> int:
+    """Reports a user error (bad input, unreadable workdir) as one line on stderr; the exit code."""
+    print(f"error: {err}", file=sys.stderr)
+    return USAGE_ERROR
