@@ -9,17 +9,19 @@ of the window", and the Gumbel step feeds exactly the same input.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from discreteflow_jax.config import ConfigError, ExperimentConfig, parse_config
 from discreteflow_jax.flow import cross_entropy
+from discreteflow_jax.io import checkpoint as ckpt
+from discreteflow_jax.io import restore
 from discreteflow_jax.models.generate import generate
 from discreteflow_jax.models.llama import Llama, LlamaConfig
 from discreteflow_jax.training.trainer import Task
@@ -107,19 +109,14 @@ def _bundle(model: nnx.Module, config: Any, source: str, bos_fallback: int | Non
 def load_teacher_checkpoint(workdir: str, step: int | None = None) -> TeacherBundle:
     """Loads one checkpoint of one of our teacher runs (parameters only): ``step``, or the newest
     that loads (a damaged newer one is reported, logged and left in place)."""
-    from etils import epath
-
-    from discreteflow_jax.io import checkpoint as ckpt
-
-    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt_dir = restore.checkpoints_dir(workdir)
     if not epath.Path(ckpt_dir).is_dir():  # also a gs:// teacher workdir
         raise ConfigError(
             f"no teacher checkpoint found: {ckpt_dir} does not exist. Train the teacher first:\n  {TEACHER_COMMAND}\n"
             "then pass --config.teacher.checkpoint=DIR"
         )
-    mngr = ckpt.manager(workdir, keep=1000, async_save=False)
-    try:
-        available = sorted(int(s) for s in mngr.all_steps())
+    with restore.reader(workdir) as mngr:
+        available = restore.steps(mngr)
         if not available:
             raise ConfigError(f"{ckpt_dir} holds no finished checkpoint; train the teacher first:\n  {TEACHER_COMMAND}")
         if step is not None and step not in available:
@@ -128,24 +125,16 @@ def load_teacher_checkpoint(workdir: str, step: int | None = None) -> TeacherBun
                 f"{', '.join(map(str, available))}"
             )
         bundle, _, _ = ckpt.select(
-            mngr, lambda s: restore_teacher_step(mngr, workdir, s), step=step, how="--config.teacher.step={}",
+            mngr, lambda s: restore_teacher_step(mngr, workdir, s), step=step, steps=available,
+            how="--config.teacher.step={}",
         )
-    finally:
-        mngr.close()
     return bundle
 
 
 def restore_teacher_step(mngr: Any, workdir: str, step: int) -> TeacherBundle:
-    """One step of a teacher workdir; CheckpointDamagedError when it does not read, ConfigError
-    when it is not a teacher."""
-    from discreteflow_jax.io import checkpoint as ckpt
-    from discreteflow_jax.training.trainer import TrainState, make_optimizer
-
-    ckpt.verify(mngr, step)
-    meta = ckpt.guarded(mngr, step, lambda: ckpt.read_meta(mngr, step))
-    raw = meta.get("config")
-    if not isinstance(raw, dict):
-        raise ckpt.damaged(mngr, step, "its metadata carries no config")
+    """One step of a teacher workdir (parameters only); CheckpointDamagedError when it does not
+    read, ConfigError when it is not a teacher."""
+    raw = restore.read_meta(mngr, step)["config"]
     if raw.get("task") != "teacher":
         raise ConfigError(
             f"{workdir} holds a checkpoint of task {raw.get('task')!r}, not an autoregressive teacher. "
@@ -153,15 +142,9 @@ def restore_teacher_step(mngr: Any, workdir: str, step: int) -> TeacherBundle:
         )
     saved = parse_config(ml_collections.ConfigDict(raw))
     model_cfg: LlamaConfig = saved.model
-    tx = make_optimizer(saved.train)
-    abstract_model = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    abstract_params = nnx.to_pure_dict(abstract_params)
-    abstract_state = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), abstract_params)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
-    state, _ = ckpt.guarded(mngr, step, lambda: ckpt.restore(mngr, step, target))
-    model = nnx.merge(graphdef, state.params)
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0))))
+    params = restore.restore_params(mngr, step, nnx.to_pure_dict(abstract_params))
+    model = nnx.merge(graphdef, params)
     return dataclasses.replace(_bundle(model, model_cfg, f"{workdir} (step {step})", bos_fallback=1), step=step,
                                tokenizer=saved.data.tokenizer)
 
