@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import ml_collections
 from flax import nnx
 
@@ -17,6 +16,8 @@ from discreteflow_jax.data.tokenizers import WORKDIR_TOKENIZER, Tokenizer, has_t
 from discreteflow_jax.inference.flow_model import TokenFlowModel, model_config
 from discreteflow_jax.inference.teacher_model import TeacherModel
 from discreteflow_jax.io import export_format as fmt
+from discreteflow_jax.io import restore
+from discreteflow_jax.models.llama import Llama
 from discreteflow_jax.models.tokenflow import TokenFlow
 
 
@@ -71,52 +72,29 @@ def abstract_tokenflow(cfg: ExperimentConfig) -> tuple[Any, Any]:
     return graphdef, nnx.to_pure_dict(state)
 
 
-def _restore_tokenflow_params(mngr: Any, step: int, cfg: ExperimentConfig, abstract_params: Any) -> Any:
-    """Parameters of one checkpoint step on the default device (CheckpointDamagedError when it
-    does not read)."""
-    import jax.numpy as jnp
-
-    from discreteflow_jax.io import checkpoint as ckpt
-    from discreteflow_jax.training.trainer import TrainState, make_optimizer
-
-    tx = make_optimizer(cfg.train)
-    abstract_state = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), abstract_params)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
-    return ckpt.guarded(mngr, step, lambda: ckpt.restore(mngr, step, target))[0].params
+def _abstract_model(cfg: ExperimentConfig) -> tuple[Any, Any]:
+    """(graphdef, abstract params) of the model a training config trains: a TokenFlow or a teacher."""
+    if cfg.task != "teacher":
+        return abstract_tokenflow(cfg)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(0))))
+    return graphdef, nnx.to_pure_dict(state)
 
 
 def _load_workdir(workdir: str, data_dir: str | None, step: int | None) -> TokenFlowModel | TeacherModel:
     """The model of ``step``, or of the newest checkpoint that loads: a damaged newer one is
-    reported (logged) and left in place; a damaged ``step`` raises, naming the steps that load."""
-    from discreteflow_jax.io import checkpoint as ckpt
-
-    mngr = ckpt.manager(workdir, keep=1000, async_save=False)
-    try:
-        if not mngr.all_steps():
-            raise LoadError(f"{os.path.join(workdir, 'checkpoints')} holds no finished checkpoint yet")
-
-        def load_step(s: int) -> tuple[ExperimentConfig, Any]:
-            meta = ckpt.guarded(mngr, s, lambda: ckpt.read_meta(mngr, s))
-            if not isinstance(meta.get("config"), dict):
-                raise ckpt.damaged(mngr, s, "its metadata carries no config")
-            cfg = config_from_raw(meta["config"])
-            if cfg.task == "teacher":
-                from discreteflow_jax.tasks.teacher import restore_teacher_step
-
-                return cfg, restore_teacher_step(mngr, workdir, s)
-            ckpt.verify(mngr, s)
-            graphdef, abstract_params = abstract_tokenflow(cfg)
-            return cfg, (graphdef, _restore_tokenflow_params(mngr, s, cfg, abstract_params))
-
-        (cfg, loaded), step, _ = ckpt.select(mngr, load_step, step=step, how="step={} (--step={} on the command line)")
-    finally:
-        mngr.close()
+    reported (logged) and left in place; a damaged ``step`` raises, naming the steps that load.
+    Only the parameters are read (``io.restore``), on the default device."""
+    with restore.reader(workdir) as mngr:
+        if not restore.steps(mngr):
+            raise LoadError(f"{restore.checkpoints_dir(workdir)} holds no finished checkpoint yet")
+        restored = restore.load_params(mngr, lambda meta: _abstract_model(config_from_raw(meta["config"]))[1],
+                                       step=step, how="step={} (--step={} on the command line)")
+    cfg = config_from_raw(restored.meta["config"])
+    graphdef, _ = _abstract_model(cfg)
     tokenizer = _tokenizer_for(cfg, data_dir, workdir)
     if cfg.task == "teacher":
-        return TeacherModel(cfg, loaded.model(), tokenizer, workdir, step)
-    graphdef, params = loaded
-    return TokenFlowModel(cfg, graphdef, params, tokenizer, workdir, step)
+        return TeacherModel(cfg, nnx.merge(graphdef, restored.params), tokenizer, workdir, restored.step)
+    return TokenFlowModel(cfg, graphdef, restored.params, tokenizer, workdir, restored.step)
 
 
 def load_export(path: str, data_dir: str | None = None) -> TokenFlowModel | TeacherModel:
