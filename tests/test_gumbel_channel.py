@@ -154,3 +154,16 @@ def test_benchmark_row_and_render():
               "posterior_check": {"max_ks": 0.01, "ks_5pct_level": 0.0186}}
     text = bench.render(report)
     assert "| tiny |" in text and "top-64" in text
+
+
+def test_jacobi_iteration_reaches_the_teachers_decode_within_t_plus_one_steps():
+    rng = np.random.default_rng(10)
+    table = gc.bigram_teacher(30, 2.0, rng)
+    t = 12
+    g = rng.gumbel(size=(200, t, 30))
+    agree, done = gc.jacobi_agreement(table, g, t + 3)
+    # Iteration k ≥ 2 has positions < k − 1 right, so the decode is reached by iteration T + 1
+    # and stays (it is a fixed point).
+    assert done.max() <= t + 1 and agree[t] == 1.0 and agree[-1] == 1.0
+    assert all(agree[k - 1] >= (k - 1) / t for k in range(2, t + 2))
+    assert agree[0] < 0.5  # the marginal alone rarely gives the teacher's token

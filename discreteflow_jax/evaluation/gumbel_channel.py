@@ -234,3 +234,41 @@ def fit_logits(logp: np.ndarray, g: np.ndarray, x: np.ndarray, add_noise: bool, 
         grad = (softmax_rows(z) - onehot).mean(axis=0) / (temperature if add_noise else 1.0)
         h -= lr * grad
     return normalize(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling with the noise on the logits: Jacobi iteration towards the teacher's decode
+
+
+def bigram_teacher(vocab: int, target_entropy: float, rng: np.random.Generator) -> np.ndarray:
+    """log p(next | previous) [V + 1, V] (row V: after BOS): each row the Zipf row of the given
+    entropy with its own random token order."""
+    row = zipf_logp(vocab, target_entropy)
+    return np.stack([row[rng.permutation(vocab)] for _ in range(vocab + 1)])
+
+
+def jacobi_agreement(table: np.ndarray, g: np.ndarray, max_iters: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens argmax(h + G) of a student whose logits are exact on a clean prefix, iterated.
+
+    ``g`` [n, T, V] prior noise. Iteration 1 knows no prefix and uses the teacher's marginal
+    (the mean row); iteration k + 1 uses the teacher's row after the tokens of iteration k. The
+    teacher's own decode of ``g`` is its unique fixed point. Returns (share of positions equal
+    to that decode after iterations 1..max_iters [max_iters], iterations until the whole
+    sequence equals it [n], max_iters + 1 where it never does)."""
+    n, t, _ = g.shape
+    bos = table.shape[0] - 1
+    ref = np.empty((n, t), np.int64)
+    prev = np.full(n, bos)
+    for i in range(t):  # the teacher's autoregressive Gumbel-max decode
+        ref[:, i] = prev = np.argmax(table[prev] + g[:, i], axis=1)
+    marginal = np.log(np.exp(table).mean(axis=0))
+    x = np.argmax(marginal + g, axis=2)
+    agree, done = [], np.full(n, max_iters + 1)
+    for k in range(1, max_iters + 1):
+        if k > 1:
+            prefix = np.concatenate([np.full((n, 1), bos), x[:, :-1]], axis=1)
+            x = np.argmax(table[prefix] + g, axis=2)
+        same = x == ref
+        agree.append(same.mean())
+        done = np.where(same.all(axis=1) & (done > max_iters), k, done)
+    return np.array(agree), done
