@@ -244,7 +244,7 @@ def test_sampling_filters():
 
 
 def _gpt2_state_dict(path):
-    return {k: np.array(v) for k, v in convert.SafetensorsCheckpoint(*convert._safetensors_files(path)).items()}
+    return {k: np.array(v) for k, v in convert.SafetensorsCheckpoint(*convert.safetensors_files(path)).items()}
 
 
 def test_conversion_errors_name_keys(tmp_path):
