@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import sys
 from dataclasses import dataclass
 from functools import cache
@@ -331,14 +332,21 @@ def test_cycle_finder_reports_a_path():
     assert find_cycles({"a": {"b"}, "b": set()}) == []
 
 
+def test_module_table_has_a_row_per_module():
+    rows = module_table().splitlines()[2:]
+    assert len(rows) == len(modules())
+    assert all(f"`{relative(m)}`" in "".join(rows) for m in modules())
+
+
 def module_table() -> str:
-    """Markdown table of the modules by layer, with the first line of each module's docstring."""
+    """Markdown table of the modules by layer, with the first sentence of each module's docstring."""
     rows = ["| layer | module | what it is for |", "| --- | --- | --- |"]
     by_layer = sorted(modules().items(), key=lambda item: (layer_of(item[0]) is None, layer_of(item[0]) or 0, item[0]))
     for module, path in by_layer:
         layer = layer_of(module)
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-        first = doc.strip().split("\n\n")[0].replace("\n", " ")
+        paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+        first = re.split(r"(?<=[.!?])\s", paragraph)[0].replace("|", "\\|")
         rows.append(f"| {layer_name(layer) if layer is not None else '?'} | `{relative(module)}` | {first} |")
     return "\n".join(rows)
 
