@@ -127,26 +127,66 @@ class KVCache(NamedTuple):
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
-def dot_product_attention(
-    q_BTHD: jax.Array,
-    k_BSKD: jax.Array,
-    v_BSKD: jax.Array,
-    mask_BTS: jax.Array | None,
-) -> jax.Array:
-    """Softmax attention with grouped KV heads; logits and softmax in fp32.
+# Attention implementations: "einsum" is ours below, "xla" and "cudnn" are those of
+# ``jax.nn.dot_product_attention``. jax.nn's XLA path computes the same values, but its softmax
+# leaves XLA more [T, S]-sized buffers to keep for the backward pass than ``softmax_last`` does, and
+# the train step's compiled temporaries grow by about a tenth (docs/design.md). So the default is
+# ours, except on a GPU with fp16/bf16 inputs, where cuDNN flash attention keeps no [T, S] buffer.
+ATTENTION_IMPLEMENTATIONS = (None, "einsum", "xla", "cudnn")
 
-    ``mask_BTS`` is True where a query may attend a key (None: attend everything).
+
+def dot_product_attention(
+    q_BTNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    mask_BTS: jax.Array | None = None,
+    *,
+    causal: bool = False,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Softmax attention with grouped KV heads (N a multiple of K); logits and softmax in fp32.
+
+    ``mask_BTS`` is True where a query may attend a key (None: attend everything); ``causal`` also
+    hides the keys after the query's own position (query i and key i at the same position).
+    ``implementation``: "einsum" (ours), "xla" or "cudnn" (``jax.nn.dot_product_attention``'s; cuDNN
+    needs a GPU and fp16/bf16), or None: cuDNN where it applies, else ours.
     """
-    num_heads, num_kv = q_BTHD.shape[2], k_BSKD.shape[2]
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    if implementation is None and _cudnn_may_apply(q_BTNH):
+        try:
+            return _library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, causal, "cudnn")
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # shapes cuDNN does not take, or no cuDNN: ours (the checks run while tracing)
+    if implementation in ("xla", "cudnn"):
+        return _library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, causal, implementation)
+    if causal:
+        t, s = q_BTNH.shape[1], k_BSKH.shape[1]
+        lower = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
+        mask_BTS = lower[None] if mask_BTS is None else mask_BTS & lower
+    return _einsum_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+
+
+def _cudnn_may_apply(q_BTNH: jax.Array) -> bool:
+    return jax.default_backend() == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def _library_attention(q, k, v, mask_BTS, causal, implementation):
+    mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
+
+
+def _einsum_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    num_heads, num_kv = q_BTNH.shape[2], k_BSKH.shape[2]
     group = num_heads // num_kv
-    b, t, _, d = q_BTHD.shape
-    q = q_BTHD.reshape(b, t, num_kv, group, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD, preferred_element_type=jnp.float32)
+    b, t, _, d = q_BTNH.shape
+    q = q_BTNH.reshape(b, t, num_kv, group, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKH, preferred_element_type=jnp.float32)
     logits = logits / math.sqrt(d)
     if mask_BTS is not None:
         logits = jnp.where(mask_BTS[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    probs = softmax_last(logits).astype(v_BSKD.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD)
+    probs = softmax_last(logits).astype(v_BSKH.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKH)
     return out.reshape(b, t, num_heads, d)
 
 
@@ -194,8 +234,10 @@ class Attention(nnx.Module):
         out_init_std: float | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        implementation: str | None = None,
     ):
         self.num_heads = num_heads
+        self.implementation = implementation  # see dot_product_attention
         self.num_kv_heads = num_kv_heads or num_heads
         self.head_dim = head_dim or dim // num_heads
         self.rope_theta = rope_theta
@@ -245,15 +287,18 @@ class Attention(nnx.Module):
             query_pos = offset + jnp.arange(t, dtype=jnp.int32)
             mask = key_pos[None, :] <= query_pos[:, None]  # written and not in the future
             mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))
-        elif causal and context_BSE is None:
-            mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
         else:
             mask = None
+        # Without a cache, query i and key i are the same position: the causal flag is exact (and
+        # lets an implementation skip the masked blocks). Cross-attention is never causal.
+        is_causal = causal and cache is None and context_BSE is None
         if key_mask_BS is not None:
             key_mask = key_mask_BS[:, None, :]
             mask = key_mask if mask is None else mask & key_mask
 
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask, causal=is_causal, implementation=self.implementation
+        )
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
 
 
