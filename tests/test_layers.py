@@ -93,6 +93,23 @@ def test_implementation_choice():
             dot_product_attention(q, k, v, implementation="cudnn")
 
 
+def test_default_falls_back_to_ours_where_cudnn_refuses(monkeypatch):
+    # As on a GPU in bf16, where the default asks for cuDNN first: where JAX refuses (here: no
+    # cuDNN at all; on a GPU: shapes cuDNN does not take) ours runs, also under jax.grad.
+    from discreteflow_jax.models import layers
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("needs a machine without cuDNN")
+    monkeypatch.setattr(layers, "_cudnn_may_apply", lambda q: True)
+    q, k, v, probe, padding = _inputs(4, 2, jnp.bfloat16)
+
+    def loss(implementation, q):
+        out = dot_product_attention(q, k, v, padding, causal=True, implementation=implementation)
+        return jnp.sum(out.astype(jnp.float32) * probe)
+
+    np.testing.assert_array_equal(jax.grad(loss, 1)(None, q), jax.grad(loss, 1)("einsum", q))
+
+
 @pytest.mark.parametrize("implementation", [None, "xla"])
 def test_cached_decoding_matches_causal_attention(implementation):
     """Token-by-token decoding through the KV cache (an explicit position mask) equals one causal
