@@ -503,3 +503,44 @@ def test_fineweb_prefetch_is_timing_independent(jsonl_file: str, gpt2: Tokenizer
     bad.restore(state)
     np.testing.assert_array_equal(bad.train_batch(state["next_step"], 3), sync.train_batch(state["next_step"], 3))
     bad.close()
+
+
+def test_remote_workdir_carries_its_tokenizer(tmp_path: Path, data_dir: str) -> None:
+    """A gs:// workdir gets a copy of its tokenizer when training starts, and loading it fetches that
+    copy to a local cache (no data folder needed). gs:// is mapped onto a local folder here."""
+    from etils import epath
+    from etils.epath import testing
+
+    from discreteflow_jax.inference.load import tokenizer_folder
+
+    bucket = tmp_path / "bucket"
+
+    def local(path: object) -> str:
+        return str(bucket / str(path).replace("gs://", ""))
+
+    def on_local(fn, path, *args, **kwargs):
+        return fn(local(path), *args, **kwargs)
+
+    mocks = {name: on_local for name in ("open", "exists", "makedirs", "mkdir", "isdir", "listdir", "glob", "stat")}
+    workdir = "gs://runs/baseline"
+    with testing.mock_epath(**mocks):
+        written = tokenizers_module.copy_tokenizer_files("llama", data_dir, f"{workdir}/tokenizer")
+        assert written and all((bucket / "runs/baseline/tokenizer" / rel).is_file() for rel in written)
+
+        class Cfg:  # the two fields tokenizer_folder reads
+            class data:
+                tokenizer = "llama"
+                data_dir = ""
+
+        cache = tmp_path / "cache"
+        os.environ["HOME"], home = str(cache), os.environ.get("HOME", "")
+        try:
+            folder = tokenizer_folder(Cfg, None, workdir)
+        finally:
+            os.environ["HOME"] = home
+        assert folder and folder.startswith(str(cache)), folder
+        assert tokenizers_module.load_tokenizer("llama", folder).encode("To be") == \
+            tokenizers_module.load_tokenizer("llama", data_dir).encode("To be")
+        # A remote folder without the files is not mistaken for one that has them.
+        assert tokenizers_module.local_tokenizer_copy("llama", "gs://runs/empty", str(cache)) is None
+        assert not epath.Path("gs://runs/empty").exists()

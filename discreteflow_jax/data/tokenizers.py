@@ -263,11 +263,21 @@ def has_tokenizer_files(name: str, folder: str) -> bool:
 
 
 def copy_tokenizer_files(name: str, data_dir: str | None, out_dir: str) -> list[str]:
-    """Copies the tokenizer's files into ``out_dir`` (data-folder layout); returns the paths written."""
+    """Copies the tokenizer's files into ``out_dir`` (data-folder layout); returns the paths written.
+    ``out_dir`` may be a remote folder (gs://...), written through etils.epath."""
     import shutil
 
     written = []
     for rel, src in tokenizer_files(name, data_dir).items():
+        if _is_remote(out_dir):
+            from etils import epath
+
+            dst_path = epath.Path(out_dir) / rel
+            dst_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(src, "rb") as f:
+                dst_path.write_bytes(f.read())
+            written.append(rel)
+            continue
         dst = os.path.join(out_dir, rel)
         if os.path.abspath(src) == os.path.abspath(dst):
             written.append(rel)
@@ -279,6 +289,36 @@ def copy_tokenizer_files(name: str, data_dir: str | None, out_dir: str) -> list[
         os.replace(tmp, dst)
         written.append(rel)
     return written
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def local_tokenizer_copy(name: str, folder: str, cache_root: str | None = None) -> str | None:
+    """A local folder holding the tokenizer files of a remote ``folder`` (a gs:// workdir's copy or
+    export), fetched once into a cache keyed by the folder; None when the folder lacks any of them.
+    The tokenizer libraries read local files only."""
+    import hashlib
+
+    from etils import epath
+
+    files = TOKENIZER_FILES.get(str(name).strip().lower(), {})
+    remote = epath.Path(folder)
+    if not files or not all((remote / rel).exists() for rel in files):
+        return None
+    root = cache_root or os.path.join(os.path.expanduser("~"), ".cache", "discreteflow_jax", "tokenizers")
+    local = os.path.join(root, hashlib.sha256(str(folder).encode()).hexdigest()[:16])
+    for rel in files:
+        dst = os.path.join(local, rel)
+        if os.path.isfile(dst):
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = f"{dst}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write((remote / rel).read_bytes())
+        os.replace(tmp, dst)
+    return local
 
 
 def load_tokenizer(name: str, data_dir: str | None = None) -> Tokenizer:

@@ -12,7 +12,13 @@ import ml_collections
 from flax import nnx
 
 from discreteflow_jax.config import ExperimentConfig, parse_config
-from discreteflow_jax.data.tokenizers import WORKDIR_TOKENIZER, Tokenizer, has_tokenizer_files, load_tokenizer
+from discreteflow_jax.data.tokenizers import (
+    WORKDIR_TOKENIZER,
+    Tokenizer,
+    has_tokenizer_files,
+    load_tokenizer,
+    local_tokenizer_copy,
+)
 from discreteflow_jax.inference.flow_model import TokenFlowModel, model_config
 from discreteflow_jax.inference.teacher_model import TeacherModel
 from discreteflow_jax.io import export_format as fmt
@@ -53,7 +59,12 @@ def tokenizer_folder(cfg: ExperimentConfig, data_dir: str | None, source: str | 
     an export carries; else the training config's data folder (or $DISCRETEFLOW_DATA_DIR / the Hub)."""
     if data_dir:
         return data_dir
-    if source and "://" not in str(source):
+    if source and "://" in str(source):  # a gs:// workdir or export: its copy, fetched to a local cache
+        for folder in (f"{str(source).rstrip('/')}/{WORKDIR_TOKENIZER}", str(source)):
+            local = local_tokenizer_copy(cfg.data.tokenizer, folder)
+            if local:
+                return local
+    elif source:
         for folder in (os.path.join(source, WORKDIR_TOKENIZER), source):
             if has_tokenizer_files(cfg.data.tokenizer, folder):
                 return folder
