@@ -37,8 +37,9 @@ import jax
 from flax import nnx
 
 from discreteflow_jax import flow
+from discreteflow_jax.config import TokenFlowConfig
 from discreteflow_jax.models.llama import Llama, LlamaConfig
-from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
+from discreteflow_jax.models.tokenflow import TokenFlow
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402

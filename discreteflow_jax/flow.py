@@ -13,13 +13,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from discreteflow_jax.config.schema import TIME_GRIDS, TIME_SAMPLERS
 from discreteflow_jax.models.linear_ce import cross_entropy  # noqa: F401  (re-exported: flow.cross_entropy)
 from discreteflow_jax.models.tokenflow import TIME_WARP_GAIN, TokenFlow, per_position
 
-TIME_SAMPLERS = ("uniform", "logit_normal", "power", "learned")
 # Share of the learned sampler's draws that stay uniform, so no region of t is ever starved.
 WARP_UNIFORM_SHARE = 0.1
-TIME_GRIDS = ("uniform", "cosine", "power")
 
 
 def sample_time(

@@ -16,7 +16,7 @@ from flax import nnx
 
 import discreteflow_jax as dfj
 from discreteflow_jax import conditioning, flow
-from discreteflow_jax.config import parse_config
+from discreteflow_jax.config import TokenFlowConfig, parse_config
 from discreteflow_jax.data.tokenizers import Tokenizer, load_tokenizer
 from discreteflow_jax.inference import prompts
 from discreteflow_jax.inference.batches import continue_prefixes
@@ -25,7 +25,7 @@ from discreteflow_jax.inference.flow_model import TokenFlowModel, model_config
 from discreteflow_jax.inference.load import LoadError, load
 from discreteflow_jax.inference.teacher_model import TeacherModel
 from discreteflow_jax.io import export_format
-from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
+from discreteflow_jax.models.tokenflow import TokenFlow
 
 # ---------------------------------------------------------------------------------------------
 # Helpers

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 from conftest import REPO, load_config
 
-from discreteflow_jax.config import ConfigError, parse_config
+from discreteflow_jax.config import ConfigError, parse_config, parse_gumbel_config, student_config
 from discreteflow_jax.config.presets import set_fields
 from discreteflow_jax.data import DataError
 from discreteflow_jax.training import experiment
@@ -36,10 +36,9 @@ def test_every_config_variant_parses(name, variant):
     assert cfg.data.name == ("fineweb" if name.startswith("fineweb") else "shakespeare")
     assert cfg.model.vocab_size == (50257 if name.startswith("fineweb") else 32000)
     if cfg.task == "gumbel":  # the gumbel section is valid and reaches the student (cross-attention layers)
-        from discreteflow_jax import gumbel as gmb
 
-        g = gmb.parse_gumbel_config(cfg.extra["gumbel"])
-        assert gmb.student_config(cfg.model, g).cross_attention == (g.conditioning == "cross_attention")
+        g = parse_gumbel_config(cfg.extra["gumbel"])
+        assert student_config(cfg.model, g).cross_attention == (g.conditioning == "cross_attention")
         assert cfg.model.tie_embeddings is False
     if variant is None:  # the full experiments fit one evaluation of distinct validation windows
         assert cfg.train.eval_batches == 0

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from discreteflow_jax import flow
-from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
+from discreteflow_jax.config import TokenFlowConfig
+from discreteflow_jax.models.tokenflow import TokenFlow
 from discreteflow_jax.tasks import context_gain_sums, summarize_flow
 from discreteflow_jax.training.metrics import format_progress
 

@@ -13,8 +13,9 @@ import pytest
 from flax import nnx
 
 from discreteflow_jax import flow
+from discreteflow_jax.config import TokenFlowConfig
 from discreteflow_jax.data import synthetic as syn
-from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
+from discreteflow_jax.models.tokenflow import TokenFlow
 
 
 def make_model(**kw) -> TokenFlow:

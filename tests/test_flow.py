@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from discreteflow_jax import flow
-from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig, singular_logits
+from discreteflow_jax.config import TokenFlowConfig
+from discreteflow_jax.models.tokenflow import TokenFlow, singular_logits
 
 TINY = TokenFlowConfig(vocab_size=37, dim=16, num_layers=2, num_heads=2, max_len=12)
 

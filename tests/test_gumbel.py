@@ -19,11 +19,18 @@ from flax import nnx
 
 from discreteflow_jax import flow
 from discreteflow_jax import gumbel as gmb
-from discreteflow_jax.config import ConfigError, parse_config
+from discreteflow_jax.config import (
+    ConfigError,
+    GumbelConfig,
+    TokenFlowConfig,
+    parse_config,
+    parse_gumbel_config,
+    student_config,
+)
 from discreteflow_jax.config.presets import tokenflow_defaults
 from discreteflow_jax.models.gpt2 import GPT2, GPT2Config
 from discreteflow_jax.models.llama import Llama, LlamaConfig
-from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
+from discreteflow_jax.models.tokenflow import TokenFlow
 from discreteflow_jax.tasks.gumbel import add_gumbel_sections, gumbel_task
 from discreteflow_jax.tasks.teacher import TeacherBundle
 
@@ -63,7 +70,7 @@ def _bundle(model: nnx.Module) -> TeacherBundle:
 def _student(conditioning: str = "cross_attention", **model_kw) -> TokenFlow:
     base = TokenFlowConfig(vocab_size=V, dim=32, num_layers=2, num_heads=2, max_len=16, tie_embeddings=False,
                            **model_kw)
-    cfg = gmb.student_config(base, gmb.GumbelConfig(conditioning=conditioning))
+    cfg = student_config(base, GumbelConfig(conditioning=conditioning))
     return TokenFlow(cfg, rngs=nnx.Rngs(1))
 
 
@@ -220,7 +227,7 @@ def _reference_loss(model, teacher, tokens, key, g_cfg, num_buckets=4):
 
 @pytest.mark.parametrize("conditioning,embed_grad", [("x0", True), ("cross_attention", False)])
 def test_fused_step_matches_unfused_reference(conditioning: str, embed_grad: bool) -> None:
-    g_cfg = gmb.GumbelConfig(conditioning=conditioning, tau=0.8, chunk_size=4, embed_grad=embed_grad)
+    g_cfg = GumbelConfig(conditioning=conditioning, tau=0.8, chunk_size=4, embed_grad=embed_grad)
     teacher = _tiny_llama()
     model = _student(conditioning)
     graphdef, params = nnx.split(model)
@@ -275,7 +282,7 @@ def test_configured_conditioning_reaches_the_model() -> None:
         has_cross = any("cross_attn" in p for p in _param_paths(model))
         assert has_cross == (conditioning == "cross_attention")
         assert model.cfg.cross_attention == (conditioning == "cross_attention")
-        g_cfg = gmb.parse_gumbel_config(cfg.gumbel.to_dict())
+        g_cfg = parse_gumbel_config(cfg.gumbel.to_dict())
         graphdef, params = nnx.split(model)
 
         @jax.jit
@@ -322,7 +329,7 @@ def test_cross_attention_context_is_position_aligned() -> None:
 def test_x0_conditioning_has_no_cross_attention_and_rejects_it() -> None:
     assert not any("cross_attn" in p for p in _param_paths(_student("x0")))
     with pytest.raises(ConfigError, match="cross_attention"):
-        gmb.student_config(TokenFlowConfig(cross_attention=True), gmb.GumbelConfig(conditioning="x0"))
+        student_config(TokenFlowConfig(cross_attention=True), GumbelConfig(conditioning="x0"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +387,7 @@ def test_teacher_split_and_teacher_sampling_are_exact(make) -> None:
 def test_teacher_sample_source_pairs_tokens_with_their_prior_noise() -> None:
     t_graphdef, t_state = nnx.split(_tiny_llama())
     s_graphdef, s_state = nnx.split(_student("x0"))
-    g_cfg = gmb.GumbelConfig(conditioning="x0", source="teacher_sample", chunk_size=4)
+    g_cfg = GumbelConfig(conditioning="x0", source="teacher_sample", chunk_size=4)
     data = jnp.zeros((2, 16), jnp.int32)
     key = jax.random.key(4)
 
@@ -406,7 +413,7 @@ def test_teacher_sample_source_pairs_tokens_with_their_prior_noise() -> None:
 def test_sampler_any_k_deterministic_and_noise_temperature(conditioning: str, steps: int) -> None:
     model = _student(conditioning)
     graphdef, params = nnx.split(model)
-    g_cfg = gmb.GumbelConfig(conditioning=conditioning)
+    g_cfg = GumbelConfig(conditioning=conditioning)
     key = jax.random.key(0)
     run = gmb.make_sampler(graphdef, g_cfg, batch=2, seq_len=16, steps=steps)
     out = run(params, key)

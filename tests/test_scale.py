@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from discreteflow_jax.config import TokenFlowConfig
 from discreteflow_jax.models import sharding as shd
-from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
+from discreteflow_jax.models.tokenflow import TokenFlow
 from discreteflow_jax.training import distributed as dist
 
 REPO = Path(__file__).resolve().parent.parent

@@ -367,9 +367,3 @@ def _swiglu_down_bwd(residuals, g):
 
 
 swiglu_down.defvjp(_swiglu_down_fwd, _swiglu_down_bwd)
-
-
-def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
-    """Standard SwiGLU width: 8/3·dim rounded up to a multiple of ``multiple_of``."""
-    hidden = int(8 * dim / 3)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)

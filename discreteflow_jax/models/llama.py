@@ -14,54 +14,15 @@ LLaMA converter in ``discreteflow_jax.io.hf``. Parameter paths (the conversion t
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from discreteflow_jax.config.model import LlamaConfig
 from discreteflow_jax.models.decoder import DecoderLM, PreNormBlock, tied_logits
 from discreteflow_jax.models.layers import Attention, RMSNorm, SwiGLU, linear, truncated_normal_init
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    dim: int
-    num_layers: int
-    num_heads: int
-    ffn_hidden: int
-    max_len: int  # longest sequence the model is meant for; generate() refuses longer ones
-    num_kv_heads: int | None = None  # None: plain multi-head attention; fewer heads: GQA
-    head_dim: int | None = None  # None: dim // num_heads (HF checkpoints may set it explicitly)
-    rope_theta: float = 10000.0
-    # 1e-5 as in the original LLaMA code for models we train; the converter copies the
-    # checkpoint's rms_norm_eps (HF's default is 1e-6), which matters for logit parity.
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    dtype: str = "float32"  # compute dtype; parameters are always stored in fp32
-    # Std of embeddings and input projections (HF's initializer_range). Residual output projections
-    # (o_proj, down_proj) use init_std / sqrt(2 * num_layers) so that the residual stream's variance
-    # at init does not grow with depth (GPT-2 practice).
-    init_std: float = 0.02
-    bos_id: int | None = None
-    eos_id: int | None = None
-
-    def __post_init__(self):
-        kv = self.num_kv_heads or self.num_heads
-        if self.num_heads % kv:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={kv}")
-        if self.head_dim is None and self.dim % self.num_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_heads
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim or self.dim // self.num_heads
 
 
 class LlamaBlock(PreNormBlock):

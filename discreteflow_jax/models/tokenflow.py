@@ -39,7 +39,6 @@ original architecture is what an empty config builds; ``presets`` turns on the r
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -47,74 +46,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from discreteflow_jax.config.model import TokenFlowConfig
 from discreteflow_jax.models.layers import (
     Attention,
     RMSNorm,
     SwiGLU,
     linear,
-    swiglu_hidden,
     take_rows,
     truncated_normal_init,
 )
 from discreteflow_jax.models.linear_ce import cross_entropy, linear_cross_entropy
 from discreteflow_jax.models.sharding import constrain
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-REMAT_POLICIES = ("none", "full", "save_dots")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtype -> activation dtype
 TIME_WARP_GAIN = 50.0  # the time-warp parameters are stored divided by this (see flow.warp_masses)
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenFlowConfig:
-    vocab_size: int = 32000
-    dim: int = 512
-    num_layers: int = 8
-    num_heads: int = 8
-    ffn_hidden: int = 0  # 0: standard SwiGLU width (8/3·dim rounded up to a multiple of 64)
-    max_len: int = 128
-    causal: bool = False
-    tie_embeddings: bool = True
-    embed_scale: float = 0.0  # 0: 1/sqrt(dim), i.e. unit-norm embedding rows
-    noise_scale: float = 0.0  # σ of the Gaussian source x0 per coordinate; 0: equal to embed_scale
-    singular_logits: bool = True
-    singular_eps: float = 1e-3
-    fused_singular: bool = True
-    time_features: int = 256
-    rope_theta: float = 10000.0
-    cross_attention: bool = False  # create cross-attention sub-layers (Gumbel "cross_attention")
-    context_dim: int = 0  # width of the cross-attention context; 0: dim
-    dtype: str = "float32"  # activation dtype; parameters and logits stay fp32
-    remat: str = "none"
-    loss_chunk: int = 0  # training loss: tokens per chunk (per device) of the fused output+CE loop; 0: full logits
-    flow_dim: int = 0  # width of embeddings, noise and x_t; 0: dim (the original: no in/out maps)
-    output_modulation: bool = False  # time-dependent shift/scale of the final norm (DiT final layer)
-    self_condition: bool = False  # input the previous estimate x̂₁ (training: half the sequences)
-    time_warp_bins: int = 0  # > 0: learned time-warp parameters (flow.time_sampler="learned")
-
-    @property
-    def ffn_width(self) -> int:
-        return self.ffn_hidden or swiglu_hidden(self.dim)
-
-    @property
-    def flow_width(self) -> int:
-        """Width of the embeddings, the noise and x_t."""
-        return self.flow_dim or self.dim
-
-    @property
-    def embed_scale_value(self) -> float:
-        return self.embed_scale or 1.0 / math.sqrt(self.flow_width)
-
-    @property
-    def row_norm(self) -> float:
-        return self.embed_scale_value * math.sqrt(self.flow_width)
-
-    @property
-    def sigma(self) -> float:
-        return self.noise_scale or self.embed_scale_value
-
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
 
 
 def timestep_features(t: jax.Array, num_features: int, max_period: float = 10000.0) -> jax.Array:
@@ -158,7 +103,7 @@ class FlowBlock(nnx.Module):
     between the two (same modulation)."""
 
     def __init__(self, cfg: TokenFlowConfig, layer: int, *, rngs: nnx.Rngs):
-        d, dtype = cfg.dim, cfg.compute_dtype
+        d, dtype = cfg.dim, DTYPES[cfg.dtype]
         out_std = 1.0 / math.sqrt(2.0 * d * (layer + 1))
         self.modulation = linear(d, 3 * d, rngs=rngs, use_bias=True, zero_init=True)
         self.attn_norm = RMSNorm(d, use_scale=False)
@@ -241,15 +186,15 @@ class TokenFlow(nnx.Module):
         ``self_cond`` the previous estimate x̂₁ [B, T, flow_width] (self-conditioning models only)."""
         cfg = self.cfg
         cond = self.time_embed(t_B)
-        x = (x_t / cfg.embed_scale_value).astype(cfg.compute_dtype)
+        x = (x_t / cfg.embed_scale_value).astype(DTYPES[cfg.dtype])
         if self.in_proj is not None:
             x = self.in_proj(x)
         if self.self_cond_proj is not None:
             if self_cond is None:
                 self_cond = jnp.zeros(x_t.shape, x_t.dtype)
-            x = x + self.self_cond_proj((self_cond / cfg.embed_scale_value).astype(cfg.compute_dtype))
+            x = x + self.self_cond_proj((self_cond / cfg.embed_scale_value).astype(DTYPES[cfg.dtype]))
         if context is not None:
-            context = constrain(context.astype(cfg.compute_dtype), ("batch", "length", "embed"))
+            context = constrain(context.astype(DTYPES[cfg.dtype]), ("batch", "length", "embed"))
 
         def run_block(block: FlowBlock, x: jax.Array, cond: jax.Array, context: jax.Array | None) -> jax.Array:
             return block(x, cond, cfg.causal, context)

@@ -27,9 +27,9 @@ import ml_collections
 from flax import nnx
 
 from discreteflow_jax import gumbel as gmb
-from discreteflow_jax.config import ConfigError, ExperimentConfig
+from discreteflow_jax.config import ConfigError, ExperimentConfig, TokenFlowConfig, parse_gumbel_config, student_config
 from discreteflow_jax.models import sharding as shd
-from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
+from discreteflow_jax.models.tokenflow import TokenFlow
 from discreteflow_jax.training.trainer import Task
 
 log = logging.getLogger("discreteflow_jax")
@@ -132,8 +132,8 @@ def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
     benchmarks with random teachers)."""
     from discreteflow_jax.tasks import known_positions, stratified_times  # lazy: tasks.py registers this builder
 
-    gcfg = gmb.parse_gumbel_config(cfg.extra.get("gumbel"))
-    student = gmb.student_config(cfg.model, gcfg)
+    gcfg = parse_gumbel_config(cfg.extra.get("gumbel"))
+    student = student_config(cfg.model, gcfg)
     if gcfg.conditioning == "x0" and student.singular_logits:
         log.info(
             "gumbel.conditioning='x0': the singular logits assume a Gaussian source; the network logits "

@@ -1,0 +1,68 @@
+"""The ``gumbel`` config section of Gumbel reflow: its fields, their validation, and the
+TokenFlow config the chosen conditioning needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from discreteflow_jax.config.model import TokenFlowConfig
+from discreteflow_jax.config.schema import ConfigError
+
+CONDITIONINGS = ("x0", "cross_attention")
+SOURCES = ("data_posterior", "teacher_sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class GumbelConfig:
+    conditioning: str = "cross_attention"  # "x0" | "cross_attention"
+    source: str = "data_posterior"  # "data_posterior" | "teacher_sample"
+    tau: float = 1.0  # temperature of softmax(G/τ) in the reduction of G to the student's input
+    sample_temperature: float = 1.0  # scales the prior G at sampling time (< 1: closer to greedy)
+    chunk_size: int = 0  # positions per chunk of the fused G reduction; 0 = automatic
+    embed_grad: bool = False  # gradient through softmax(G)·E into the student embedding
+
+
+def parse_gumbel_config(section: Mapping[str, Any] | None) -> GumbelConfig:
+    """Validates a plain ``gumbel`` config section. Raises ConfigError with the field to fix."""
+    section = dict(section or {})
+    fields = {f.name for f in dataclasses.fields(GumbelConfig)}
+    unknown = sorted(set(section) - fields)
+    if unknown:
+        raise ConfigError(
+            f"config.gumbel has unknown field(s) {unknown}; valid fields are: {', '.join(sorted(fields))}"
+        )
+    g = GumbelConfig(**section)
+    for name, valid in (("conditioning", CONDITIONINGS), ("source", SOURCES)):
+        if getattr(g, name) not in valid:
+            raise ConfigError(
+                f"config.gumbel.{name}={getattr(g, name)!r} is not a valid choice; use one of: "
+                f"{', '.join(repr(v) for v in valid)}"
+            )
+    if not g.tau > 0:
+        # softmax(G/τ) is undefined at τ = 0 and inverts the noise for τ < 0.
+        raise ConfigError(f"config.gumbel.tau must be > 0 (1 = the original), got {g.tau}")
+    if not g.sample_temperature > 0:
+        raise ConfigError(f"config.gumbel.sample_temperature must be > 0 (1 = no change), got {g.sample_temperature}")
+    if not isinstance(g.chunk_size, int) or isinstance(g.chunk_size, bool) or g.chunk_size < 0:
+        raise ConfigError(f"config.gumbel.chunk_size must be an integer >= 0 (0 = automatic), got {g.chunk_size!r}")
+    return g
+
+
+def student_config(model: TokenFlowConfig, gumbel: GumbelConfig) -> TokenFlowConfig:
+    """The TokenFlow config the Gumbel conditioning needs: cross-attention layers exist exactly when
+    ``conditioning == "cross_attention"`` (the gumbel section decides, so it always reaches the model)."""
+    wants = gumbel.conditioning == "cross_attention"
+    if model.cross_attention and not wants:
+        raise ConfigError(
+            "config.model.cross_attention=True but config.gumbel.conditioning='x0' does not use cross-attention; "
+            "leave model.cross_attention=False (the gumbel section sets it) or use conditioning='cross_attention'"
+        )
+    if model.context_dim not in (0, model.flow_width):
+        raise ConfigError(
+            f"config.model.context_dim={model.context_dim}: the Gumbel context softmax(G)·E has the student's "
+            f"embedding width {model.flow_width}; set context_dim=0"
+        )
+    return dataclasses.replace(model, cross_attention=wants, context_dim=0)
