@@ -28,7 +28,7 @@ def generated_nll(scorer, rows: np.ndarray, gen_mask: np.ndarray) -> float:
     import jax.numpy as jnp
 
     from discreteflow_jax.flow import cross_entropy
-    from discreteflow_jax.tasks.teacher import teacher_inputs
+    from discreteflow_jax.models.generate import teacher_inputs
 
     model = scorer.model() if hasattr(scorer, "model") else scorer
     logits = model(teacher_inputs(jnp.asarray(rows), scorer.bos_id))

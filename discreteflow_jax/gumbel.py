@@ -1,40 +1,11 @@
 """Gumbel reflow (SPEC §6): the Gumbel prior, the exact posterior of the Gumbel noise given the
-token a teacher emitted, the reduction of that noise to what the student sees, and the loss and
-sampler of a Gumbel-conditioned TokenFlow. Pure functions of arrays, keys and modules.
-
-The teacher is a deterministic map from noise to text, ``x_i = argmax_v(ℓ_i,v + G_i,v)`` with
-``ℓ_i = log p_teacher(· | x_<i)`` and ``G_i`` i.i.d. standard Gumbel. Training pairs (G, x) come
-either from data (teacher forcing + exact posterior of G given x, ``source="data_posterior"``) or
-from the teacher run autoregressively on prior noise (``source="teacher_sample"``).
-
-Alignment: the log-probs that *predict* x_i are the teacher's output at position i of the input
-``[BOS] + x[:-1]`` (computed from x_<i). Pairing the teacher's output at the position of x_i itself
-(which predicts x_{i+1}) is the original code's off-by-one defect.
-
-What the student sees of G (``conditioning``):
-
-* ``"x0"``: the flow source is ``x0 = softmax(G/τ)·E``. The singular logits of the model still
-  assume a Gaussian source; they stay exact as t → 1 and the network logits absorb the mismatch
-  at small t, so the combination trains, but the Gaussian σ has no meaning for this source.
-* ``"cross_attention"``: x0 stays Gaussian and ``softmax(G)·E / embed_scale`` (O(1) per
-  coordinate, the scale at which x_t enters the residual stream) is the cross-attention context.
-
-E is the student's normalized embedding (what x1 = E[x] uses), so the noise lives in the same
-space as the data. By default the reduction is under ``stop_gradient``: E is trained by the flow
-target and the output layer only, and the backward pass needs none of the B×T×V softmax weights.
-``embed_grad=True`` lets the gradient flow through softmax(G)·E into E; the per-chunk weights are
-then recomputed in the backward pass (``jax.checkpoint``) rather than stored.
-
-Memory: G is B×T×V. It is never materialized whole: the sequence is cut into chunks of positions
-and, for each chunk, the teacher output head, log-softmax, posterior sampling and the reduction
-softmax(G/τ)·E run together (``lax.map``), leaving only [B, chunk, V] temporaries and the
-[B, T, d] result. Noise is drawn from one key per position, so results do not depend on the chunk
-size (the unfused reference in the tests draws the very same numbers).
+token a teacher emitted, its chunked reduction to what the student sees (softmax(G/τ)·E), and the
+loss and sampler of a Gumbel-conditioned TokenFlow. Pure functions of arrays, keys and modules.
+The derivation, the alignment convention and the memory layout are in docs/gumbel.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -50,8 +21,8 @@ from discreteflow_jax.config.gumbel import (  # noqa: F401  (re-exported: gumbel
     parse_gumbel_config,
     student_config,
 )
+from discreteflow_jax.models.generate import TeacherFns, teacher_fns, teacher_inputs
 from discreteflow_jax.models.tokenflow import TokenFlow
-from discreteflow_jax.tasks.teacher import teacher_inputs  # [BOS] + x[:-1]: output i predicts x_i
 
 # Log-probabilities below this are treated as equal to it: a token this unlikely never wins an
 # argmax, and a finite floor keeps M − ℓ finite when a teacher assigns exactly zero (−inf).
@@ -133,29 +104,6 @@ def sample_prior(key: jax.Array, batch: int, seq_len: int, vocab: int) -> jax.Ar
 
 # ---------------------------------------------------------------------------------------------
 # Teachers
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherFns:
-    """A teacher split at its output head, so the head can run chunk by chunk over positions.
-
-    hidden(tokens [B, T]) -> features [B, T, ·]; head(features [B, C, ·]) -> fp32 logits [B, C, V].
-    ``head(hidden(x))`` equals the teacher's forward ``model(x)``.
-    """
-
-    hidden: Callable[[jax.Array], jax.Array]
-    head: Callable[[jax.Array], jax.Array]
-
-
-def teacher_fns(model: Any) -> TeacherFns:
-    """Splits a Llama or GPT2 teacher before its final norm + output projection (``_logits``);
-    any other callable ``model(tokens) -> logits`` is used whole (then the full B×T×V teacher
-    logits exist once; the rest of the reduction is still chunked)."""
-    from discreteflow_jax.models.decoder import DecoderLM
-
-    if isinstance(model, DecoderLM):
-        return TeacherFns(model.hidden, model._logits)
-    return TeacherFns(lambda tokens: model(tokens).astype(jnp.float32), lambda logits: logits)
 
 
 def teacher_sample_tokens(

@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from discreteflow_jax.models.decoder import DecoderLM
 
 
 class GenerateOutput(NamedTuple):
@@ -182,3 +184,34 @@ def generate(
     graphdef, state = nnx.split(model)
     fn = make_generate_fn(graphdef, settings)
     return fn(state, prompt_BT, jnp.asarray(prompt_mask_BT, bool), rng, jnp.asarray(temperature, jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Teachers as used by distillation
+
+
+def teacher_inputs(tokens_BT: jax.Array, bos_id: int) -> jax.Array:
+    """[BOS] + tokens[:-1]: the teacher's input whose logits at i predict tokens[i]."""
+    bos = jnp.full((tokens_BT.shape[0], 1), bos_id, tokens_BT.dtype)
+    return jnp.concatenate([bos, tokens_BT[:, :-1]], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherFns:
+    """A teacher split at its output head, so the head can run chunk by chunk over positions.
+
+    hidden(tokens [B, T]) -> features [B, T, ·]; head(features [B, C, ·]) -> fp32 logits [B, C, V].
+    ``head(hidden(x))`` equals the teacher's forward ``model(x)``.
+    """
+
+    hidden: Callable[[jax.Array], jax.Array]
+    head: Callable[[jax.Array], jax.Array]
+
+
+def teacher_fns(model: Any) -> TeacherFns:
+    """Splits a Llama or GPT2 teacher before its final norm + output projection (``_logits``);
+    any other callable ``model(tokens) -> logits`` is used whole (then the full B×T×V teacher
+    logits exist once; the rest of the reduction is still chunked)."""
+    if isinstance(model, DecoderLM):
+        return TeacherFns(model.hidden, model._logits)
+    return TeacherFns(lambda tokens: model(tokens).astype(jnp.float32), lambda logits: logits)

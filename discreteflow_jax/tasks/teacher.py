@@ -22,17 +22,11 @@ from discreteflow_jax.config import ConfigError, ExperimentConfig, parse_config
 from discreteflow_jax.flow import cross_entropy
 from discreteflow_jax.io import checkpoint as ckpt
 from discreteflow_jax.io import restore
-from discreteflow_jax.models.generate import generate
+from discreteflow_jax.models.generate import generate, teacher_inputs
 from discreteflow_jax.models.llama import Llama, LlamaConfig
 from discreteflow_jax.training.trainer import Task
 
 TEACHER_COMMAND = "python -m discreteflow_jax.main --config=configs/shakespeare_teacher.py --workdir=DIR"
-
-
-def teacher_inputs(tokens_BT: jax.Array, bos_id: int) -> jax.Array:
-    """[BOS] + tokens[:-1]: the teacher's input whose logits at i predict tokens[i]."""
-    bos = jnp.full((tokens_BT.shape[0], 1), bos_id, tokens_BT.dtype)
-    return jnp.concatenate([bos, tokens_BT[:, :-1]], axis=1)
 
 
 def next_token_sums(model: nnx.Module, tokens_BT: jax.Array, bos_id: int) -> tuple[jax.Array, dict]:
