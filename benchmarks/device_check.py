@@ -115,8 +115,8 @@ def random_gpt2_teacher(vocab: int, max_len: int, dtype: str, tiny: bool) -> Any
     """GPT-2 124M shapes (tiny ones with ``tiny``) with random weights, as the Gumbel task's teacher."""
     from flax import nnx
 
+    from discreteflow_jax.io.teacher import TeacherBundle
     from discreteflow_jax.models.gpt2 import GPT2, GPT2Config
-    from discreteflow_jax.tasks.teacher import TeacherBundle
 
     sizes = {"dim": 32, "num_layers": 1, "num_heads": 2} if tiny else {}
     cfg = GPT2Config(vocab_size=vocab, max_len=max_len, dtype=dtype, **sizes)

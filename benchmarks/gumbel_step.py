@@ -29,9 +29,9 @@ from common import emit_json  # noqa: E402
 from step_time import benchmark  # noqa: E402  (also defines --steps and --out)
 
 from discreteflow_jax.config.presets import tokenflow_defaults  # noqa: E402
+from discreteflow_jax.io.teacher import TeacherBundle  # noqa: E402
 from discreteflow_jax.models.llama import Llama, LlamaConfig  # noqa: E402
 from discreteflow_jax.tasks.gumbel import add_gumbel_sections  # noqa: E402
-from discreteflow_jax.tasks.teacher import TeacherBundle  # noqa: E402
 
 _DIM = flags.DEFINE_integer("dim", 512, "Student width.")
 _LAYERS = flags.DEFINE_integer("layers", 8, "Student blocks.")

@@ -100,8 +100,8 @@ def gpt2_teacher(vocab: int, max_len: int, dtype: str) -> Any:
     """GPT-2 124M shapes with random weights, as a TeacherBundle (the real one needs the Hub)."""
     from flax import nnx
 
+    from discreteflow_jax.io.teacher import TeacherBundle
     from discreteflow_jax.models.gpt2 import GPT2, GPT2Config
-    from discreteflow_jax.tasks.teacher import TeacherBundle
 
     cfg = GPT2Config(vocab_size=vocab, max_len=max_len, dtype=dtype)
     graphdef, state = nnx.split(GPT2(cfg, rngs=nnx.Rngs(0)))
@@ -113,8 +113,8 @@ def llama_teacher(teacher_config: str, seq_len: int, dtype: str) -> Any:
     """The teacher config's LLaMA shapes with random weights (experiment 2.2's teacher)."""
     from flax import nnx
 
+    from discreteflow_jax.io.teacher import TeacherBundle
     from discreteflow_jax.models.llama import Llama, LlamaConfig
-    from discreteflow_jax.tasks.teacher import TeacherBundle
 
     section = dict(load_config(teacher_config).model)
     section.update(dtype=dtype, max_len=max(seq_len, section["max_len"]),

@@ -119,8 +119,8 @@ def random_teacher(vocab: int, seq_len: int):
     """A tiny randomly initialized LLaMA teacher (the same on every process: fixed seed)."""
     from flax import nnx
 
+    from discreteflow_jax.io.teacher import _bundle
     from discreteflow_jax.models.llama import Llama, LlamaConfig
-    from discreteflow_jax.tasks.teacher import _bundle
 
     config = LlamaConfig(vocab_size=vocab, dim=32, num_layers=1, num_heads=2, ffn_hidden=64, max_len=seq_len,
                          bos_id=1, eos_id=2)

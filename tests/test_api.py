@@ -295,9 +295,9 @@ def test_flow_loss_with_known_positions_keeps_them_clean_and_unscored():
 
 def test_gumbel_task_trains_with_known_positions():
     from discreteflow_jax.config.presets import tokenflow_defaults
+    from discreteflow_jax.io.teacher import TeacherBundle
     from discreteflow_jax.models.llama import Llama, LlamaConfig
     from discreteflow_jax.tasks.gumbel import add_gumbel_sections, gumbel_task
-    from discreteflow_jax.tasks.teacher import TeacherBundle
 
     c = add_gumbel_sections(tokenflow_defaults())
     c.model.vocab_size, c.model.dim, c.model.num_layers, c.model.num_heads, c.model.max_len = 40, 16, 1, 2, 8
@@ -313,7 +313,7 @@ def test_gumbel_task_trains_with_known_positions():
     tokens = jax.random.randint(jax.random.key(0), (4, 8), 0, 40)
     key = jax.random.key(1)
     _, metrics = jax.jit(lambda p: task.loss_fn(nnx.merge(s_graphdef, p), task.aux, tokens, key))(s_params)
-    from discreteflow_jax.tasks import known_positions
+    from discreteflow_jax.tasks.base import known_positions
 
     known = known_positions(cfg.flow, (4, 8), key)
     assert float(metrics["tokens"]) == float((~known).sum()) < 32  # known positions are not scored
@@ -333,7 +333,7 @@ def test_random_known_mask():
 
 def test_condition_config_is_validated_and_reaches_the_loss():
     from discreteflow_jax.config import ConfigError
-    from discreteflow_jax.tasks import known_positions
+    from discreteflow_jax.tasks.base import known_positions
 
     c = load_config("shakespeare_baseline")
     assert known_positions(parse_config(c).flow, (4, 16), jax.random.key(0)) is None
@@ -554,7 +554,7 @@ def test_teacher_workdir_loads_the_step_asked_for(tmp_path, data_dir):
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint of step 3; the steps kept there are: 4, 2"):
         dfj.load(workdir, step=3)
     from discreteflow_jax.config import ConfigError
-    from discreteflow_jax.tasks.teacher import load_teacher
+    from discreteflow_jax.io.teacher import load_teacher
 
     assert load_teacher({"checkpoint": workdir, "step": 2}).step == 2
     with pytest.raises(ConfigError, match="no checkpoint of step 3"):
@@ -574,8 +574,8 @@ def test_teacher_default_length_fits_the_bos_slot(tmp_path, data_dir):
 
 
 def _gumbel_flow_and_teacher(conditioning: str) -> tuple[TokenFlowModel, object]:
+    from discreteflow_jax.io.teacher import TeacherBundle
     from discreteflow_jax.models.llama import Llama, LlamaConfig
-    from discreteflow_jax.tasks.teacher import TeacherBundle
 
     tok = CharTokenizer()
     c = load_config("shakespeare_baseline")

@@ -9,7 +9,8 @@ from flax import nnx
 from discreteflow_jax import flow
 from discreteflow_jax.config import TokenFlowConfig
 from discreteflow_jax.models.tokenflow import TokenFlow
-from discreteflow_jax.tasks import context_gain_sums, summarize_flow
+from discreteflow_jax.tasks.base import summarize_flow
+from discreteflow_jax.tasks.tokenflow import context_gain_sums
 from discreteflow_jax.training.metrics import format_progress
 
 VOCAB, SEQ, BATCH, BUCKETS = 50, 6, 4, 5
@@ -104,7 +105,8 @@ def test_validation_loss_is_flow_loss():
     from conftest import load_config
 
     from discreteflow_jax.config import parse_config
-    from discreteflow_jax.tasks import stratified_times, tokenflow_task
+    from discreteflow_jax.tasks.base import stratified_times
+    from discreteflow_jax.tasks.tokenflow import tokenflow_task
 
     cfg = parse_config(load_config("shakespeare_baseline", "smoke"))
     task = tokenflow_task(cfg)

@@ -294,9 +294,9 @@ def test_teacher_with_another_tokenizer_is_refused():
 
     from discreteflow_jax.config import ConfigError, parse_config
     from discreteflow_jax.config.presets import tokenflow_defaults
+    from discreteflow_jax.io.teacher import _bundle
     from discreteflow_jax.models.llama import Llama, LlamaConfig
     from discreteflow_jax.tasks.gumbel import add_gumbel_sections, gumbel_task
-    from discreteflow_jax.tasks.teacher import _bundle
 
     vocab = 64
     llama = Llama(LlamaConfig(vocab_size=vocab, dim=16, num_layers=1, num_heads=2, ffn_hidden=32, max_len=32,
@@ -358,7 +358,7 @@ def test_hf_directory_with_a_missing_shard_names_it_and_its_tensors(tmp_path):
     assert f"{os.path.join(out, lost)} (holds {len(held)} tensors: {held[0]}" in message
     assert len(held) < len(tensors)
     # The same directory as a Gumbel teacher: a message from the run, not a traceback.
-    from discreteflow_jax.tasks.teacher import load_teacher
+    from discreteflow_jax.io.teacher import load_teacher
 
     with pytest.raises(experiment.USER_ERRORS, match="missing"):
         load_teacher({"hf": out})

@@ -28,11 +28,11 @@ from discreteflow_jax.config import (
     student_config,
 )
 from discreteflow_jax.config.presets import tokenflow_defaults
+from discreteflow_jax.io.teacher import TeacherBundle
 from discreteflow_jax.models.gpt2 import GPT2, GPT2Config
 from discreteflow_jax.models.llama import Llama, LlamaConfig
 from discreteflow_jax.models.tokenflow import TokenFlow
 from discreteflow_jax.tasks.gumbel import add_gumbel_sections, gumbel_task
-from discreteflow_jax.tasks.teacher import TeacherBundle
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -439,7 +439,8 @@ def assert_teacher_nll_is_the_teachers_own_loss(config: ml_collections.ConfigDic
                                                data_dir: str | None) -> None:
     """The teacher NLL the Gumbel validation logs is the teacher's own next-token loss on the same
     validation windows (the step's teacher pass feeds [BOS] + x[:-1], exactly like the teacher's)."""
-    from discreteflow_jax.tasks.teacher import load_teacher, next_token_sums
+    from discreteflow_jax.io.teacher import load_teacher
+    from discreteflow_jax.tasks.teacher import next_token_sums
     from discreteflow_jax.training import experiment
     from discreteflow_jax.training.trainer import validation_batches
 

@@ -188,8 +188,8 @@ def test_default_evaluation_reads_each_validation_window_once(data_dir, caplog):
 
 
 def test_logged_train_metrics_average_the_logging_window():
-    from discreteflow_jax.tasks import summarize_flow
-    from discreteflow_jax.training.trainer import Task, window_metrics
+    from discreteflow_jax.tasks.base import Task, summarize_flow
+    from discreteflow_jax.training.trainer import window_metrics
 
     task = Task("t", None, None, None, lambda sums, prefix: summarize_flow(sums, prefix, 2))
     steps = [  # two steps with different token counts: the window loss is token-weighted
@@ -212,7 +212,8 @@ def test_grad_accumulation_equals_one_big_batch():
 
     from discreteflow_jax.config import TrainConfig
     from discreteflow_jax.flow import cross_entropy
-    from discreteflow_jax.training.trainer import Task, TrainState, build_train_step, make_optimizer
+    from discreteflow_jax.tasks.base import Task
+    from discreteflow_jax.training.trainer import TrainState, build_train_step, make_optimizer
 
     vocab = 11
 

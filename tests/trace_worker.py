@@ -24,9 +24,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import load_config  # noqa: E402
 
 from discreteflow_jax.config import parse_config  # noqa: E402
+from discreteflow_jax.io.teacher import TeacherBundle  # noqa: E402
 from discreteflow_jax.models import sharding as shd  # noqa: E402
 from discreteflow_jax.tasks import build_task  # noqa: E402
-from discreteflow_jax.tasks.teacher import TeacherBundle  # noqa: E402
 from discreteflow_jax.training.trainer import Trainer  # noqa: E402
 
 

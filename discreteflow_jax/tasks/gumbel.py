@@ -3,8 +3,8 @@ autoregressive teacher by Gumbel reflow (see ``discreteflow_jax.gumbel``).
 
 Config sections read here (plain dicts in ``ExperimentConfig.extra``):
 
-* ``gumbel``: parsed by ``gumbel.parse_gumbel_config`` (conditioning, source, tau, ...);
-* ``teacher``: passed to ``teacher.load_teacher`` (``checkpoint`` = a workdir of our teacher run,
+* ``gumbel``: parsed by ``config.parse_gumbel_config`` (conditioning, source, tau, ...);
+* ``teacher``: passed to ``io.teacher.load_teacher`` (``checkpoint`` = a workdir of our teacher run,
   or ``hf`` = a Hugging Face id / local HF directory, ``dtype`` = its compute dtype).
 
 The teacher's parameters are the task's ``aux``: placed on the mesh once, passed to every jitted
@@ -28,9 +28,12 @@ from flax import nnx
 
 from discreteflow_jax import gumbel as gmb
 from discreteflow_jax.config import ConfigError, ExperimentConfig, TokenFlowConfig, parse_gumbel_config, student_config
+from discreteflow_jax.io.teacher import TeacherBundle, load_teacher
 from discreteflow_jax.models import sharding as shd
+from discreteflow_jax.models.gpt2 import GPT2
+from discreteflow_jax.models.llama import Llama
 from discreteflow_jax.models.tokenflow import TokenFlow
-from discreteflow_jax.training.trainer import Task
+from discreteflow_jax.tasks.base import Task, known_positions, stratified_times, summarize_flow
 
 log = logging.getLogger("discreteflow_jax")
 
@@ -63,10 +66,8 @@ def add_gumbel_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return c
 
 
-def load_teacher_bundle(cfg: ExperimentConfig) -> Any:
-    """The teacher named by ``config.teacher`` (a ``teacher.TeacherBundle``)."""
-    from discreteflow_jax.tasks.teacher import load_teacher
-
+def load_teacher_bundle(cfg: ExperimentConfig) -> TeacherBundle:
+    """The teacher named by ``config.teacher``."""
     return load_teacher(dict(cfg.extra.get("teacher") or {}), data_dir=cfg.data.data_dir or None)
 
 
@@ -110,17 +111,12 @@ def teacher_graphdef(teacher: Any, dtype: str | None) -> Any:
         return teacher.graphdef
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.teacher.dtype={dtype!r} is not a valid choice; use float32 or bfloat16")
-    from discreteflow_jax.models.gpt2 import GPT2
-    from discreteflow_jax.models.llama import Llama
-
     config = dataclasses.replace(teacher.config, dtype=dtype)
     cls = GPT2 if teacher.kind == "gpt2" else Llama
     return nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))[0]
 
 
 def summarize_gumbel(sums: dict, prefix: str, num_buckets: int) -> dict[str, float]:
-    from discreteflow_jax.tasks import summarize_flow
-
     out = summarize_flow(sums, prefix, num_buckets)
     if "teacher_nll_sum" in sums:
         out[f"{prefix}/teacher_nll"] = float(sums["teacher_nll_sum"]) / max(float(sums["tokens"]), 1.0)
@@ -130,8 +126,6 @@ def summarize_gumbel(sums: dict, prefix: str, num_buckets: int) -> dict[str, flo
 def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
     """Gumbel reflow task. ``teacher`` (a ``TeacherBundle``) overrides ``config.teacher`` (tests,
     benchmarks with random teachers)."""
-    from discreteflow_jax.tasks import known_positions, stratified_times  # lazy: tasks.py registers this builder
-
     gcfg = parse_gumbel_config(cfg.extra.get("gumbel"))
     student = student_config(cfg.model, gcfg)
     if gcfg.conditioning == "x0" and student.singular_logits:

@@ -7,7 +7,6 @@ model, which loss, what to sample) come from a ``Task`` (see ``discreteflow_jax.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -25,6 +24,7 @@ from flax import nnx
 from discreteflow_jax.config import ExperimentConfig, TrainConfig
 from discreteflow_jax.io import checkpoint as ckpt
 from discreteflow_jax.models import sharding as shd
+from discreteflow_jax.tasks.base import Task
 from discreteflow_jax.training import distributed as dist
 from discreteflow_jax.training.metrics import MetricWriter, eta_seconds, format_progress
 
@@ -40,31 +40,6 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-
-
-@dataclasses.dataclass
-class Task:
-    """What differs between TokenFlow, teacher and Gumbel training.
-
-    create_model(rngs) builds the trainable module. loss_fn(model, aux, tokens, key) returns
-    (loss, metric sums) with loss the mean over the ``sums["tokens"]`` scored tokens (gradient
-    accumulation weights each micro-batch by that count), and eval_fn(model, aux, tokens, key)
-    the metric sums for validation.
-    aux holds frozen inputs (a teacher's parameters), passed to the step but never updated.
-    sample_fn(graphdef, params, aux, key, steps) returns decoded token arrays; summarize(sums)
-    turns summed metrics into the numbers to log. identity: what the task resolved beyond the
-    config that a resumed run must match (e.g. the teacher checkpoint's step), stored in checkpoints.
-    """
-
-    name: str
-    create_model: Callable[[nnx.Rngs], nnx.Module]
-    loss_fn: Callable[..., tuple[jax.Array, dict]]
-    eval_fn: Callable[..., dict]
-    summarize: Callable[[dict, str], dict]
-    sample_fn: Callable[..., jax.Array] | None = None
-    aux: Any = None
-    aux_shardings: Any = None
-    identity: dict = dataclasses.field(default_factory=dict)
 
 
 def lr_schedule(train: TrainConfig) -> optax.Schedule:
