@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger("discreteflow_jax")
@@ -91,9 +91,12 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over ``devices`` (default: all), in the device order
+    ``jax.make_mesh`` picks for the hardware topology. Axes are Auto (XLA propagates the
+    shardings), which jax.make_mesh does not default to."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(data, fsdp, tensor, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def _as_tuple(mesh_axes: Any) -> tuple[str, ...]:
@@ -114,18 +117,12 @@ def logical_to_spec(logical: Sequence[str | None]) -> P:
     return P(*spec)
 
 
-def _path_str(path) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    if parts and parts[-1] == "value":  # nnx.State leaves sit below a Variable's `value` attribute
-        parts.pop()
-    return "/".join(parts)
+def _path_str(path: Sequence[Any]) -> str:
+    """A tree path as "a/b/0"; nnx.State leaves sit below a Variable's ``value``, which is dropped."""
+    parts = tuple(path)
+    if parts and jax.tree_util.keystr(parts[-1:], simple=True) == "value":
+        parts = parts[:-1]
+    return jax.tree_util.keystr(parts, simple=True, separator="/")
 
 
 def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
