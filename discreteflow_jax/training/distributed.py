@@ -40,6 +40,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+
+from discreteflow_jax.config import ConfigError
 
 log = logging.getLogger("discreteflow_jax")
 
@@ -124,8 +127,6 @@ def allgather_host(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values)
     if jax.process_count() == 1:
         return values[None]
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(values))
 
 
@@ -146,8 +147,6 @@ def to_host(x: jax.Array) -> np.ndarray:
     """The full value of a (possibly cross-process sharded) array on every process."""
     if getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False):
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -170,22 +169,23 @@ def check_same_config(raw: dict) -> None:
     """Raises ConfigError, on every process, unless all processes run the same config.
 
     Processes launched with different flags would otherwise compile different programs and hang
-    in their first collective (or silently train different models). One all-gather of a hash;
-    only on a mismatch the configs themselves are gathered to name the differing fields.
+    in their first collective (or silently train different models). ``assert_equal`` all-gathers
+    a hash, so every process sees a mismatch; only then the configs themselves are gathered to
+    name the differing fields.
     """
     if jax.process_count() == 1:
         return
-    digests = allgather_host(config_digest(raw))
-    if (digests == digests[0]).all():
+    try:
+        multihost_utils.assert_equal(config_digest(raw), "the processes run different configs")
+    except AssertionError:
+        configs = allgather_json(raw)
+    else:
         return
-    from discreteflow_jax.config import ConfigError
-
-    configs = allgather_json(raw)
     lines = []
     for p, other in enumerate(configs):
         for d in _diff(configs[0], other)[:10]:
             lines.append(f"process 0 vs process {p}: {d}")
-    distinct = len({tuple(d) for d in digests.tolist()})
+    distinct = len({json.dumps(c, sort_keys=True, default=str) for c in configs})
     raise ConfigError(
         f"the {jax.process_count()} processes were given {distinct} different configs (each process must get "
         "the same --config and overrides):\n  " + "\n  ".join(lines)
@@ -227,6 +227,8 @@ class PreemptionGuard:
 
     def should_stop(self, step: int) -> bool:
         """Whether every process should save and stop after ``step``; the same answer on all."""
+        # Not multihost_utils.reached_preemption_sync_point: it needs the coordination service's
+        # preemption notifier (absent in single-process runs), which takes SIGTERM from this handler.
         if jax.process_count() == 1:
             return self.requested
         if step % self.sync_every:
