@@ -367,7 +367,8 @@ def _logits(model: TokenFlowModel) -> np.ndarray:
 
 def test_workdir_loads_in_one_call(tmp_path, data_dir, monkeypatch):
     from discreteflow_jax.io import checkpoint as ckpt
-    from discreteflow_jax.training.trainer import TrainState, make_optimizer
+    from discreteflow_jax.training.optim import make_optimizer
+    from discreteflow_jax.training.steps import TrainState
 
     model = _llama_flow(data_dir)
     tx = make_optimizer(model.config.train)
@@ -521,7 +522,8 @@ def _save_teacher_checkpoints(workdir: str, data_dir: str, steps: tuple[int, ...
     """A teacher workdir holding one checkpoint per step, each with different parameters."""
     from discreteflow_jax.io import checkpoint as ckpt
     from discreteflow_jax.models.llama import Llama
-    from discreteflow_jax.training.trainer import TrainState, make_optimizer
+    from discreteflow_jax.training.optim import make_optimizer
+    from discreteflow_jax.training.steps import TrainState
 
     c = load_config("shakespeare_teacher")
     c.data.data_dir = data_dir

@@ -442,7 +442,7 @@ def assert_teacher_nll_is_the_teachers_own_loss(config: ml_collections.ConfigDic
     from discreteflow_jax.io.teacher import load_teacher
     from discreteflow_jax.tasks.teacher import next_token_sums
     from discreteflow_jax.training import experiment
-    from discreteflow_jax.training.trainer import validation_batches
+    from discreteflow_jax.training.steps import validation_batches
 
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     logged = [x for x in lines if "val/teacher_nll" in x][-1]["val/teacher_nll"]

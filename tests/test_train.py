@@ -65,7 +65,7 @@ def test_train_resume_and_sample(tmp_path, data_dir, monkeypatch):
     _, _, dataset = experiment.prepare(smoke(**{"train.num_steps": 6}), data_dir)
     assert validation_loss(model, dataset)["loss"] == pytest.approx(evals[6]["val/loss"], rel=1e-5)
     # The samples written at step 6 are the saved model's samples from the sampling stream.
-    from discreteflow_jax.training.trainer import stream_key
+    from discreteflow_jax.training.steps import stream_key
 
     written = open(os.path.join(workdir, "samples", "step_0000006.txt")).read()
     task = build_task(model.config)
@@ -172,7 +172,7 @@ def test_gumbel_and_teacher_fields_are_identity():
 
 
 def test_default_evaluation_reads_each_validation_window_once(data_dir, caplog):
-    from discreteflow_jax.training.trainer import validation_batches
+    from discreteflow_jax.training.steps import validation_batches
 
     cfg, _, dataset = experiment.prepare(load_config("shakespeare_baseline", None), data_dir)
     with caplog.at_level("WARNING"):
@@ -189,7 +189,7 @@ def test_default_evaluation_reads_each_validation_window_once(data_dir, caplog):
 
 def test_logged_train_metrics_average_the_logging_window():
     from discreteflow_jax.tasks.base import Task, summarize_flow
-    from discreteflow_jax.training.trainer import window_metrics
+    from discreteflow_jax.training.steps import window_metrics
 
     task = Task("t", None, None, None, lambda sums, prefix: summarize_flow(sums, prefix, 2))
     steps = [  # two steps with different token counts: the window loss is token-weighted
@@ -213,7 +213,8 @@ def test_grad_accumulation_equals_one_big_batch():
     from discreteflow_jax.config import TrainConfig
     from discreteflow_jax.flow import cross_entropy
     from discreteflow_jax.tasks.base import Task
-    from discreteflow_jax.training.trainer import TrainState, build_train_step, make_optimizer
+    from discreteflow_jax.training.optim import make_optimizer
+    from discreteflow_jax.training.steps import TrainState, build_train_step
 
     vocab = 11
 
@@ -241,6 +242,24 @@ def test_grad_accumulation_equals_one_big_batch():
         assert results[accum][2] == pytest.approx(results[1][2], rel=1e-5)
         for a, b in zip(jax.tree.leaves(results[accum][0]), jax.tree.leaves(results[1][0])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_logged_learning_rate_is_the_one_each_update_used():
+    """The trainer logs the learning rate read from the optimizer state: after the update of step
+    s it must be the schedule at s (warmup changes it every step, so an off-by-one shows)."""
+    from discreteflow_jax.config import TrainConfig
+    from discreteflow_jax.training.optim import learning_rate, lr_schedule, make_optimizer
+
+    train = TrainConfig(lr=0.1, warmup_steps=4, num_steps=10)
+    tx = make_optimizer(train)
+    params = {"w": jnp.ones((2, 3))}
+    opt_state = tx.init(params)
+    seen = []
+    for step in range(6):
+        _, opt_state = tx.update({"w": jnp.full((2, 3), 0.5)}, opt_state, params)
+        seen.append(float(learning_rate(opt_state)))
+        assert seen[-1] == pytest.approx(float(lr_schedule(train)(step)), rel=1e-6)
+    assert len(set(seen)) == len(seen)  # the schedule moved at every one of these steps
 
 
 def test_prng_streams_do_not_collide(tmp_path, data_dir, monkeypatch):

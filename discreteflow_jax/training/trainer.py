@@ -1,8 +1,8 @@
-"""Train state, the jitted train/eval steps, and the training loop shared by every task.
+"""The training loop shared by every task: mesh and shardings, checkpoints (resume, fallback,
+checksums), logging, evaluation, samples and stopping on SIGTERM.
 
-The whole train step (micro-batch loop, loss, gradients, clipping, AdamW update, metrics) is
-one ``jax.jit`` program with explicit shardings and a donated state. Task-specific parts (which
-model, which loss, what to sample) come from a ``Task`` (see ``discreteflow_jax.tasks``).
+The train step (``steps.build_train_step``) is one ``jax.jit`` program with explicit shardings
+and a donated state; task-specific parts (model, loss, sampler) come from a ``Task``.
 """
 
 from __future__ import annotations
@@ -11,151 +11,34 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, NoReturn
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from discreteflow_jax.config import ExperimentConfig, TrainConfig
+from discreteflow_jax.config import ExperimentConfig
 from discreteflow_jax.io import checkpoint as ckpt
 from discreteflow_jax.models import sharding as shd
 from discreteflow_jax.tasks.base import Task
 from discreteflow_jax.training import distributed as dist
 from discreteflow_jax.training.metrics import MetricWriter, eta_seconds, format_progress
+from discreteflow_jax.training.optim import learning_rate, make_optimizer
+from discreteflow_jax.training.steps import (
+    TrainState,
+    build_eval_step,
+    build_train_step,
+    stream_key,
+    validation_batches,
+    window_metrics,
+)
 
 log = logging.getLogger("discreteflow_jax")
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN/Inf; the last good checkpoint is left intact."""
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-
-
-def lr_schedule(train: TrainConfig) -> optax.Schedule:
-    decay_steps = max(train.num_steps - train.warmup_steps, 1)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=train.lr, warmup_steps=max(train.warmup_steps, 1),
-        decay_steps=decay_steps + max(train.warmup_steps, 1), end_value=train.lr * train.min_lr_ratio,
-    )
-
-
-def _decay_mask(params: Any) -> Any:
-    """Weight decay on matrices only: not on norms, biases or the (normalized) embedding."""
-
-    def keep(path, leaf):
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        return leaf.ndim >= 2 and "embedding" not in name
-
-    return jax.tree_util.tree_map_with_path(keep, params)
-
-
-def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
-    parts = []
-    if train.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(train.grad_clip))
-    parts.append(
-        optax.adamw(lr_schedule(train), b1=train.b1, b2=train.b2, weight_decay=train.weight_decay, mask=_decay_mask)
-    )
-    return optax.chain(*parts)
-
-
-def _split_micro(tokens_BT: jax.Array, accum: int) -> jax.Array:
-    """[B, T] -> [accum, B/accum, T] keeping each device's rows on that device (row r = m·accum + a)."""
-    b, t = tokens_BT.shape
-    return tokens_BT.reshape(b // accum, accum, t).transpose(1, 0, 2)
-
-
-# Each use of randomness draws from its own stream of the seed: stream_key(seed, purpose). With one
-# shared stream, fold_in(key(seed), c) for any constant c is also the key of training step c, and
-# nnx.Rngs(seed) draws fold_in(key(seed), i), the keys of the first steps.
-STREAMS = {"train": 1, "init": 2, "eval": 3, "samples": 4}
-
-
-def stream_key(seed: int, purpose: str) -> jax.Array:
-    """The root key of one purpose (``STREAMS``); keys inside a stream are fold_in(root, i)."""
-    return jax.random.fold_in(jax.random.key(seed), STREAMS[purpose])
-
-
-def build_train_step(task: Task, graphdef: Any, tx: optax.GradientTransformation, accum: int) -> Callable:
-    """The jitted step. With ``accum`` > 1 the gradient is the token-weighted mean over the whole
-    batch, the same as one big batch: each micro-batch's mean-loss gradient is weighted by its
-    token count (they differ when masks or known positions vary), then divided by the total."""
-
-    def step_fn(state: TrainState, aux: Any, tokens_BT: jax.Array, base_key: jax.Array):
-        key = jax.random.fold_in(base_key, state.step)
-        micro = _split_micro(tokens_BT, accum) if accum > 1 else None
-
-        def loss_of(params, tokens, k):
-            return task.loss_fn(nnx.merge(graphdef, params), aux, tokens, k)
-
-        def accumulate(carry, xs):
-            grads_acc, sums_acc = carry
-            tokens, i = xs
-            grad_fn = jax.value_and_grad(loss_of, has_aux=True)
-            (_, sums), grads = grad_fn(state.params, tokens, jax.random.fold_in(key, i))
-            weight = sums["tokens"].astype(jnp.float32)
-            grads_acc = jax.tree.map(lambda acc, g: acc + weight * g, grads_acc, grads)
-            return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
-
-        if accum == 1:  # no accumulation buffers at all
-            (_, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params, tokens_BT, key)
-        else:
-            zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-            zero_sums = jax.tree.map(
-                lambda s: jnp.zeros(s.shape, s.dtype),
-                jax.eval_shape(lambda: loss_of(state.params, micro[0], key)[1]),
-            )
-            (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (micro, jnp.arange(accum)))
-            total = jnp.maximum(sums["tokens"].astype(jnp.float32), 1.0)
-            grads = jax.tree.map(lambda g: g / total, grads)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        loss = sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0)
-        # No in-step rollback (it would keep a second copy of the state alive): the host checks
-        # `finite` before every checkpoint and stops the run, so the last good checkpoint stays intact.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = TrainState(state.step + 1, params, opt_state)
-        metrics = dict(sums, grad_norm=grad_norm, finite=finite)
-        return new_state, metrics
-
-    return step_fn
-
-
-def build_eval_step(task: Task, graphdef: Any) -> Callable:
-    def eval_fn(params, aux, tokens_BT, key):
-        return task.eval_fn(nnx.merge(graphdef, params), aux, tokens_BT, key)
-
-    return eval_fn
-
-
-def validation_batches(dataset: Any, local_batch: int, eval_batches: int) -> list:
-    """The validation batches of one evaluation: ``eval_batches`` of them, or with 0 every
-    validation window once (as many full batches as the split holds without overlap)."""
-    return dataset.val_batches(local_batch, eval_batches or None)
-
-
-def window_metrics(task: Task, fetched: list[dict]) -> dict:
-    """The training metrics of a logging window: every step's metric sums added up, then
-    summarized (token-weighted, like validation), and the mean gradient norm; not the last step's."""
-    totals = {
-        k: np.sum([np.asarray(m[k], np.float64) for m in fetched], axis=0)
-        for k in fetched[-1] if k not in ("grad_norm", "finite")
-    }
-    out = task.summarize(totals, "train")
-    out["train/grad_norm"] = float(np.mean([float(m["grad_norm"]) for m in fetched]))
-    return out
 
 
 class Trainer:
@@ -422,7 +305,7 @@ class Trainer:
                 speed = steps_in_window / max(elapsed, 1e-9)
                 last_metrics.update(
                     {"train/steps_per_s": speed, "train/tokens_per_s": speed * tokens_per_step,
-                     "train/lr": float(lr_schedule(cfg.train)(done - 1))}
+                     "train/lr": float(dist.to_host(learning_rate(state.opt_state)))}
                 )
                 self.writer.write_scalars(done, last_metrics)
                 eta = eta_seconds(done, cfg.train.num_steps, 1.0 / max(speed, 1e-9), cfg.train.eval_every, eval_s)
