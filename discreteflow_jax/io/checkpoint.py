@@ -1,20 +1,7 @@
-"""Checkpoints with ``orbax.checkpoint.CheckpointManager``.
-
-Each checkpoint step holds two items: ``state`` (step, parameters, optimizer state; sharded
-arrays written by all processes together) and ``meta`` (JSON: the full config, the data
-position, the code version). Saves are asynchronous; old steps are pruned (keep-last-N); orbax
-writes to a temporary folder and renames, so a crash never leaves a half-written "latest" step.
-
-Array data that orbax stores uncompressed carries no checksum of its own, so a flipped byte there
-would read back as a wrong number without any error: once a step is written, the training run
-records the size and CRC-32 of each of its files in ``<step>/checksums.json`` (``write_checksums``)
-and every reader checks them first (``verify``). Steps without that file (older ones, or a run
-stopped between the write and the checksums) are read unverified.
-
-Damaged checkpoints (a truncated or corrupted file, missing metadata) are never deleted: readers
-try the steps newest first and say which one is damaged and why (``select``); a training run
-that falls back moves the damaged step folders to ``<workdir>/checkpoints_damaged/`` so that its
-own later saves and pruning never touch them.
+"""Checkpoints with ``orbax.checkpoint.CheckpointManager``: each step holds ``state`` (sharded
+arrays) and ``meta`` (JSON config, data position). A CRC-32 of every file (``checksums.json``)
+is checked before any read (``verify``); damaged steps are reported and never deleted, readers
+fall back to the newest step that loads (``select``). Details: docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,31 +1,7 @@
-"""Cross-entropy through a linear output layer without materializing the [B, T, V] logits.
-
-The output layer of a TokenFlow is one or two matmuls into the vocabulary (``logits =
-Σ_i (F_i · W_iᵀ) ⊙ s_i``: the fused tied head is one term, the untied head with the singular term
-two; s_i optionally scales the vocabulary columns, which lets the row-normalized embedding enter
-as its raw table). With V = 32000 the logits of a micro-batch and their gradient are the largest
-buffers of a train step. ``linear_cross_entropy`` walks over chunks of sequence positions with
-``lax.scan``; each chunk forms its logits, its per-token loss and — when gradients are wanted —
-its share of the gradients, and is then discarded. The head then needs O(chunk·V) memory plus
-one accumulator per weight matrix instead of O(B·T·V).
-
-The differentiable output is the weighted sum Σ_n w_n·CE_n. The cotangent of a scalar only scales
-the gradient, so the gradients are computed in the same pass as the loss: 3 matmuls per chunk,
-the FLOPs of the plain logits path, where saving only the log-normalizer and recomputing the
-logits in the backward pass would cost 4. The per-token losses are returned too (for metrics);
-if something does differentiate them, the backward pass falls back to an exact second pass that
-recomputes the logits.
-
-Layout choices, all for memory or sharding:
-
-* Chunks run over sequence positions, never over the batch: a batch sharded over the data/fsdp
-  mesh axes stays sharded inside the loop. The weight-gradient accumulator keeps one partial sum
-  per batch shard (a leading axis sharded like the batch), so the loop needs no cross-device
-  reduction per chunk, only one at the end. The vocabulary may be sharded over the tensor axis.
-* A chunk's weight gradient is added to the accumulator one vocabulary block at a time, in
-  place: adding a whole [V, K] product would allocate a second table-sized buffer.
-* For a scaled term the accumulator holds Σ dlogitsᵀ·F without the scale; the weight and scale
-  gradients come from it once, after the loop.
+"""Cross-entropy through a linear output layer without materializing the [B, T, V] logits:
+chunks of sequence positions under ``lax.scan``, gradients computed in the same pass as the
+loss, batch sharding kept inside the loop. The memory and sharding layout is described in
+docs/models.md.
 """
 
 from __future__ import annotations

@@ -1,40 +1,7 @@
 """TokenFlow: a transformer that reads noisy token embeddings x_t and time t and predicts the
-clean token at every position (SPEC §3).
-
-Design choices (documented because they differ from, or pin down, the original):
-
-* **Normalized embedding in the forward pass.** The raw parameter ``embedding`` is free; the
-  model always uses ``E_v = embedding_v / ‖embedding_v‖ · embed_scale·sqrt(d)``. Every row then
-  has the same norm, so the singular-logit identity below is exact and no re-normalization step
-  after the optimizer is needed.
-* **Singular logits fused into one matmul.** The analytic log-posterior of the clean token,
-  ``s_v = −‖x_t − t·e_v‖² / (2σ²(1−t)² + ε²)``, differs from ``c(t)·⟨x_t, e_v⟩`` with
-  ``c(t) = 2t / (2σ²(1−t)² + ε²)`` only by terms that are constant over v, which cancel in every
-  softmax and cross-entropy. With tied output weights the logits are therefore
-  ``(h + c(t)·x_t) · Eᵀ``: one V-wide matmul instead of two. ``fused_singular=False`` keeps the
-  reference two-term form (log-softmaxed singular logits added to the network logits).
-* **Init (applied, not just documented).** Every linear kernel and the embedding: truncated
-  normal (±3σ) with std 1/sqrt(fan_in); the output projections of block l (attention ``o_proj``
-  and FFN ``down_proj``) use std 1/sqrt(2·d·(l+1)); adaLN modulation layers start at zero so
-  every block starts as the identity map (as in DiT).
-* **Input scaling.** x_t has per-coordinate scale embed_scale; it enters the residual stream
-  multiplied by 1/embed_scale so activations are O(1) regardless of the embedding scale.
-
-Options that help the network read its context (all off by default in the dataclass, so the
-original architecture is what an empty config builds; ``presets`` turns on the recommended ones):
-
-* **Per-token time.** ``t`` may be [B] (one time per sequence) or [B, T] (one per position); the
-  time embedding, the adaLN modulation and the singular coefficient then vary per position.
-* **Flow space narrower than the model** (``flow_dim``): embeddings, noise and x_t live in
-  ``flow_dim`` dimensions, with linear maps in and out of the residual stream (Plaid,
-  Diffusion-LM); the singular term is computed in the flow space.
-* **Time-modulated output** (``output_modulation``): shift and scale of the final norm come from
-  the time embedding (DiT's final layer), so the network's share of the logits can follow the
-  singular term's t-dependent magnitude.
-* **Self-conditioning** (``self_condition``): a linear map of the previous estimate x̂₁ is added
-  to the input (Analog Bits, CDCD); zeros when there is none.
-* **Learned time warping** (``time_warp_bins``): the parameters of a monotone fit of the loss
-  over t, from which ``flow`` draws training times (CDCD).
+clean token at every position (SPEC §3). Normalized embedding rows, singular logits fused into
+the output matmul, adaLN time conditioning; the design choices and the optional context levers
+are described in docs/models.md.
 """
 
 from __future__ import annotations

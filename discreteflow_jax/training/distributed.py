@@ -1,30 +1,7 @@
-"""Running as several processes: starting JAX's multi-controller runtime, making sure every
-process runs the same experiment, gathering small host values, and stopping cleanly on SIGTERM.
-
-Every process runs the same program on its own devices (JAX's multi-controller model): one
-process per TPU VM host, per GPU node (or per GPU), or several processes on one machine for
-tests. Nothing here does anything in a single-process run except the SIGTERM flag.
-
-How a run becomes multi-process (``initialize``), first match wins:
-
-1. explicit arguments (``--coordinator_address``, ``--num_processes``, ``--process_id`` of
-   ``discreteflow_jax.main``) or the environment variables ``JAX_COORDINATOR_ADDRESS``,
-   ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` (the first is JAX's own; the other two are read here,
-   so a local multi-process run needs no flags);
-2. ``mode="on"``: ``jax.distributed.initialize()`` with JAX's cluster auto-detection (Cloud TPU
-   VMs through the metadata server, SLURM, Open MPI, Kubernetes); the TPU launcher passes this;
-3. ``mode="auto"`` (default): the same when SLURM started more than one task (``srun``) or
-   ``TPU_WORKER_HOSTNAMES`` / ``TPU_PROCESS_ADDRESSES`` name several hosts.
-
-Preemption (``PreemptionGuard``): SIGTERM (sent by Cloud TPU maintenance events, spot/preemptible
-VM reclaims, SLURM before a time limit or ``scancel``, Kubernetes) only sets a flag; the train
-loop reads it at step boundaries, saves a checkpoint and returns, and the process exits 0.
-With several processes the signal may reach them at different times (or only one of them), and
-they must stop at the same step because saving a checkpoint is a collective operation: every
-``sync_every`` steps they all-gather their flags (one tiny collective) and stop if any is set.
-Between syncs a signalled process keeps training for at most ``sync_every − 1`` steps, well
-inside the grace period of the schedulers above (30 s on Cloud TPU/GCE, configurable in SLURM
-with ``--signal``).
+"""Running as several processes: starting JAX's multi-controller runtime (``initialize``), making
+sure every process runs the same experiment, gathering small host values, and stopping every
+process at the same step on SIGTERM (``PreemptionGuard``). A single-process run only uses the
+SIGTERM flag. How a run becomes multi-process and how preemption is agreed: docs/training.md.
 """
 
 from __future__ import annotations
