@@ -13,12 +13,15 @@ from typing import Any
 import jax
 import ml_collections
 
-from discreteflow_jax.config import ConfigError, ExperimentConfig, parse_config
+from discreteflow_jax.config import ConfigError, ExperimentConfig, parse_config, to_plain
 from discreteflow_jax.data import DataError, load_tokenizer, make_dataset
 from discreteflow_jax.data.tokenizers import WORKDIR_TOKENIZER, copy_tokenizer_files
 from discreteflow_jax.io import checkpoint as ckpt
 from discreteflow_jax.io.hf import ConversionError
 from discreteflow_jax.models import sharding as shd
+from discreteflow_jax.tasks import build_task
+from discreteflow_jax.training import distributed
+from discreteflow_jax.training.trainer import Trainer
 
 log = logging.getLogger("discreteflow_jax")
 
@@ -39,8 +42,6 @@ def maybe_initialize_distributed(
     Explicit arguments, then $JAX_COORDINATOR_ADDRESS/$JAX_NUM_PROCESSES/$JAX_PROCESS_ID, then
     cluster auto-detection (Cloud TPU VMs, SLURM); see ``discreteflow_jax.training.distributed.initialize``.
     """
-    from discreteflow_jax.training import distributed
-
     return distributed.initialize(mode, coordinator_address, num_processes, process_id)
 
 
@@ -76,11 +77,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
         resume_step: int | None = None) -> dict:
     """Trains (resuming from the newest checkpoint of ``workdir`` that loads, or from
     ``resume_step``) and returns the final state and metrics."""
-    from discreteflow_jax.config import to_plain
-    from discreteflow_jax.tasks import build_task
-    from discreteflow_jax.training import distributed
-    from discreteflow_jax.training.trainer import Trainer
-
     # First of all: a config that fails validation, data or teacher loading on some processes only
     # would leave the others waiting in their first collective.
     distributed.check_same_config(to_plain(config))
