@@ -21,8 +21,8 @@ from discreteflow_jax.config.gumbel import (  # noqa: F401  (re-exported: gumbel
     parse_gumbel_config,
     student_config,
 )
+from discreteflow_jax.models import sharding as shd
 from discreteflow_jax.models.generate import TeacherFns, teacher_fns, teacher_inputs
-from discreteflow_jax.models.sharding import axis_shards
 from discreteflow_jax.models.tokenflow import TokenFlow
 
 # Log-probabilities below this are treated as equal to it: a token this unlikely never wins an
@@ -151,7 +151,7 @@ def resolve_chunk(seq_len: int, batch: int, vocab: int, chunk_size: int = 0, sha
     the global batch would run many more sequential chunks per step than memory requires.
     """
     if shards is None:
-        shards = axis_shards("batch")
+        shards = shd.axis_shards("batch")
     rows = batch // shards if shards > 0 and batch % shards == 0 else batch
     limit = chunk_size if chunk_size > 0 else max(AUTO_CHUNK_ELEMENTS // max(rows * vocab, 1), 1)
     limit = min(limit, seq_len)

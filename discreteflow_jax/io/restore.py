@@ -35,7 +35,9 @@ def open_reader(workdir: str) -> ocp.CheckpointManager:
     directory = checkpoints_dir(workdir if ckpt.is_remote(workdir) else os.path.abspath(workdir))
     if not epath.Path(directory).is_dir():
         raise ckpt.CheckpointError(f"{directory} does not exist")
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False,
+    )
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 

@@ -36,7 +36,7 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     if train.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(train.grad_clip))
     # Only the learning rate lives in the optimizer state; the other settings stay Python constants.
-    adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "weight_decay", "mask"))
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "eps_root", "weight_decay", "mask"))
     parts.append(
         adamw(learning_rate=lr_schedule(train), b1=train.b1, b2=train.b2, weight_decay=train.weight_decay,
               mask=_decay_mask)
@@ -46,4 +46,4 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
 
 def learning_rate(opt_state: Any) -> jax.Array:
     """The learning rate of the last update made with ``opt_state`` (of ``make_optimizer``)."""
-    return optax.tree_utils.tree_get(opt_state, "learning_rate")
+    return optax.tree_utils.tree_get(opt_state, "hyperparams")["learning_rate"]
