@@ -204,7 +204,7 @@ class TokenFlowModel:
 
     def _scoring_teacher(self, teacher: Any) -> tuple[nnx.Module, int]:
         """The teacher module a Gumbel model is scored with, checked against this model up front."""
-        from discreteflow_jax.tasks.teacher import TeacherBundle, load_teacher
+        from discreteflow_jax.io.teacher import TeacherBundle, load_teacher
 
         section = dict(self.config.extra.get("teacher") or {})
         how = ("pass teacher= (the teacher it was distilled from: a model from discreteflow_jax.load(TEACHER_WORKDIR), "

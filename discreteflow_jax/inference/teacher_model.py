@@ -132,7 +132,7 @@ class TeacherModel:
     def score(self, texts: Sequence[str]) -> dict[str, float]:
         """Next-token loss and perplexity of the texts (windows of the context, BOS first)."""
         from discreteflow_jax.flow import cross_entropy
-        from discreteflow_jax.tasks.teacher import teacher_inputs
+        from discreteflow_jax.models.generate import teacher_inputs
 
         windows, masks = text_windows(self.tokenizer, texts, self.seq_len)
         if self._score is None:  # one compiled program instead of one per eager op
