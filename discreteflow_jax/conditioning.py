@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from discreteflow_jax import flow
+from discreteflow_jax import gumbel as gmb
 from discreteflow_jax.config import ExperimentConfig
 from discreteflow_jax.models.tokenflow import TokenFlow
 
@@ -41,7 +42,6 @@ def gumbel_prior(gumbel_section: dict | None, known_noise: str = "posterior") ->
     prior noise there. With no known position both equal ``gumbel.gumbel_source`` exactly (same
     keys, same draws).
     """
-    from discreteflow_jax import gumbel as gmb  # only Gumbel models need it
 
     if known_noise not in KNOWN_NOISE:
         raise ValueError(f"known_noise must be one of {', '.join(KNOWN_NOISE)}, got {known_noise!r}")

@@ -21,6 +21,7 @@ from discreteflow_jax import cli
 from discreteflow_jax.evaluation.report import markdown_tables
 from discreteflow_jax.evaluation.sweep import DEFAULT_STEPS, SweepSettings, parse_models, run_sweep
 from discreteflow_jax.flow import TIME_GRIDS
+from discreteflow_jax.training.experiment import USER_ERRORS
 
 COMMANDS = ("sweep",)
 
@@ -60,7 +61,6 @@ def main(argv: list[str]) -> int:
         return cli.fail(f"expected one command, one of {', '.join(COMMANDS)} (got {argv[1:] or 'none'}): "
                         "python -m discreteflow_jax.evaluate sweep --models=... --scorer=... --out=...")
     cli.setup_logging()
-    from discreteflow_jax.training.experiment import USER_ERRORS
 
     try:
         settings = SweepSettings(

@@ -15,6 +15,7 @@ import os
 from absl import flags
 
 from discreteflow_jax import cli
+from discreteflow_jax.evaluation.curves import bucket_curves, plot
 
 FLAGS = cli.new_flags(__doc__)
 flags.DEFINE_string("workdir", None, "run folder holding metrics.jsonl", flag_values=FLAGS)
@@ -27,7 +28,6 @@ def main(argv: list[str]) -> int:
     """Reads the curves and writes the plot; prints its path."""
     if len(argv) > 1:
         return cli.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
-    from discreteflow_jax.evaluation.curves import bucket_curves, plot
 
     try:
         curves = bucket_curves(os.path.join(FLAGS.workdir, "metrics.jsonl"))

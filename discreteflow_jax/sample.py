@@ -24,6 +24,9 @@ from absl import flags
 from discreteflow_jax import cli
 from discreteflow_jax.conditioning import CONDITION_MODES
 from discreteflow_jax.flow import TIME_GRIDS
+from discreteflow_jax.inference.batches import sample_texts
+from discreteflow_jax.inference.load import load
+from discreteflow_jax.training.experiment import USER_ERRORS
 
 FLAGS = cli.new_flags(__doc__)
 flags.DEFINE_string("workdir", None, "training workdir or export directory", flag_values=FLAGS)
@@ -84,9 +87,6 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         return cli.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
     cli.setup_logging()
-    from discreteflow_jax.inference.batches import sample_texts
-    from discreteflow_jax.inference.load import load
-    from discreteflow_jax.training.experiment import USER_ERRORS
 
     args = FLAGS
     try:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from discreteflow_jax.gumbel import posterior_from_draws
+
 # ---------------------------------------------------------------------------------------------
 # Teacher distributions
 
@@ -61,8 +63,6 @@ def head_tail_logp(vocab: int, head: int, head_mass: float) -> np.ndarray:
 def posterior_noise(logp: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """G [n, V] float32 from the package's exact posterior given argmax(ℓ + G) = x [n]."""
     import jax.numpy as jnp
-
-    from discreteflow_jax.gumbel import posterior_from_draws
 
     n, v = x.shape[0], logp.shape[0]
     xi = rng.gumbel(size=(n, v)).astype(np.float32)

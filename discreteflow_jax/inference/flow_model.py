@@ -15,20 +15,21 @@ import numpy as np
 from flax import nnx
 
 from discreteflow_jax import flow
+from discreteflow_jax import gumbel as gmb
 from discreteflow_jax.conditioning import CONDITION_MODES, KNOWN_NOISE, conditional_sample, source_for
 from discreteflow_jax.config import ExperimentConfig
 from discreteflow_jax.data.tokenizers import Tokenizer
 from discreteflow_jax.inference.prompts import DEFAULT_BLANK_LENGTH, Known, build_known, text_windows
 from discreteflow_jax.inference.teacher_model import TeacherModel
+from discreteflow_jax.io.teacher import TeacherBundle, load_teacher
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
+from discreteflow_jax.tasks import summarize_flow
 
 
 def model_config(cfg: ExperimentConfig) -> Any:
     """The TokenFlowConfig the trained module was built with (a Gumbel task derives it from its
     ``gumbel`` section, e.g. cross-attention layers for conditioning="cross_attention")."""
     if cfg.task == "gumbel":
-        from discreteflow_jax import gumbel as gmb
-
         return gmb.student_config(cfg.model, gmb.parse_gumbel_config(cfg.extra.get("gumbel")))
     return cfg.model
 
@@ -161,7 +162,6 @@ class TokenFlowModel:
         ``load``, a ``teacher.TeacherBundle``, or a teacher workdir / Hugging Face path); by
         default the one its training config names. Other models take no teacher.
         """
-        from discreteflow_jax.tasks import summarize_flow
 
         if self.kind != "gumbel" and teacher is not None:
             raise ValueError(f"teacher= only applies to Gumbel models; this is a {self.kind} model")
@@ -181,7 +181,6 @@ class TokenFlowModel:
                 t = (bucket + jax.random.uniform(jax.random.fold_in(key, 1), bucket.shape)) / nb
                 if t_state is None:
                     return flow.flow_loss(model, tokens, mask, key, num_buckets=nb, t_B=t)[1]
-                from discreteflow_jax import gumbel as gmb
 
                 t_model = nnx.merge(t_graphdef, t_state)
                 sums = gmb.gumbel_flow_loss(model, t_model, tokens, mask, key, gcfg, bos_id=bos,
@@ -198,13 +197,10 @@ class TokenFlowModel:
         return {k.removeprefix("score/"): v for k, v in summary.items()}
 
     def _gumbel_config(self) -> Any:
-        from discreteflow_jax import gumbel as gmb
-
         return gmb.parse_gumbel_config(self.config.extra.get("gumbel"))
 
     def _scoring_teacher(self, teacher: Any) -> tuple[nnx.Module, int]:
         """The teacher module a Gumbel model is scored with, checked against this model up front."""
-        from discreteflow_jax.io.teacher import TeacherBundle, load_teacher
 
         section = dict(self.config.extra.get("teacher") or {})
         how = ("pass teacher= (the teacher it was distilled from: a model from discreteflow_jax.load(TEACHER_WORKDIR), "

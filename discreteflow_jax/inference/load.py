@@ -23,6 +23,7 @@ from discreteflow_jax.inference.flow_model import TokenFlowModel, model_config
 from discreteflow_jax.inference.teacher_model import TeacherModel
 from discreteflow_jax.io import export_format as fmt
 from discreteflow_jax.io import restore
+from discreteflow_jax.io.hf import load_hf_checkpoint
 from discreteflow_jax.models.llama import Llama
 from discreteflow_jax.models.tokenflow import TokenFlow
 
@@ -114,8 +115,6 @@ def load_export(path: str, data_dir: str | None = None) -> TokenFlowModel | Teac
     cfg = config_from_raw(meta["training_config"])
     tokenizer = fmt.read_tokenizer(meta, path, data_dir)
     if meta["kind"] == "llama":
-        from discreteflow_jax.io.hf import load_hf_checkpoint
-
         module, _ = load_hf_checkpoint(path, dtype=cfg.model.dtype)
         return TeacherModel(cfg, module, tokenizer, path, meta.get("step"))
     graphdef, abstract_params = abstract_tokenflow(cfg)

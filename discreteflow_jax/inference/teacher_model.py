@@ -16,7 +16,9 @@ from flax import nnx
 
 from discreteflow_jax.config import ExperimentConfig
 from discreteflow_jax.data.tokenizers import Tokenizer
+from discreteflow_jax.flow import cross_entropy
 from discreteflow_jax.inference.prompts import prompt_ids, text_windows
+from discreteflow_jax.models.generate import generate, teacher_inputs
 
 FLOW_KINDS = ("tokenflow", "gumbel")
 
@@ -76,7 +78,6 @@ class TeacherModel:
     ) -> np.ndarray:
         """[n, length] ids: the prompt (if any) followed by sampled tokens (after EOS: EOS).
         ``steps`` is ignored: generation takes one model call per token."""
-        from discreteflow_jax.models.generate import generate
 
         del steps, unused
         if template is not None or known_tokens is not None or known_mask is not None:
@@ -105,7 +106,6 @@ class TeacherModel:
                       temperature: float | None = None, top_k: int = 0, top_p: float = 1.0,
                       **unused: Any) -> np.ndarray:
         """[B, length]: each prefix (ids, BOS added here) followed by sampled tokens, in one batch."""
-        from discreteflow_jax.models.generate import generate
 
         del unused
         shortest = min(len(p) for p in prefixes)
@@ -131,8 +131,6 @@ class TeacherModel:
 
     def score(self, texts: Sequence[str]) -> dict[str, float]:
         """Next-token loss and perplexity of the texts (windows of the context, BOS first)."""
-        from discreteflow_jax.flow import cross_entropy
-        from discreteflow_jax.models.generate import teacher_inputs
 
         windows, masks = text_windows(self.tokenizer, texts, self.seq_len)
         if self._score is None:  # one compiled program instead of one per eager op

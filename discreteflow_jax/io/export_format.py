@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from discreteflow_jax.data.tokenizers import DataError, Tokenizer, copy_tokenizer_files, load_tokenizer
+from discreteflow_jax.io.hf import export_llama_to_hf
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -161,7 +162,6 @@ def write_flat_export(out_dir: str, params: Any, meta: dict) -> str:
 
 def write_llama_export(out_dir: str, module: Any, meta: dict, tokenizer_model: str | None = None) -> str:
     """A Hugging Face LLaMA directory whose ``config.json`` also carries our fields."""
-    from discreteflow_jax.io.hf import export_llama_to_hf
 
     export_llama_to_hf(module, module.config, out_dir, tokenizer_path=tokenizer_model)
     config_path = os.path.join(out_dir, CONFIG_FILE)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import jax
@@ -81,9 +80,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
     # would leave the others waiting in their first collective.
     distributed.check_same_config(to_plain(config))
     cfg, tokenizer, dataset = prepare(config, data_dir)
-    if jax.process_index() == 0 and not ckpt.is_remote(workdir):
-        # The workdir carries its tokenizer: loading it later needs no --data_dir.
-        copy_tokenizer_files(cfg.data.tokenizer, cfg.data.data_dir or None, os.path.join(workdir, WORKDIR_TOKENIZER))
+    if jax.process_index() == 0:
+        # The workdir carries its tokenizer (gs:// ones too): loading it later needs no --data_dir.
+        tokenizer_dir = f"{workdir.rstrip('/')}/{WORKDIR_TOKENIZER}"
+        copy_tokenizer_files(cfg.data.tokenizer, cfg.data.data_dir or None, tokenizer_dir)
     task = build_task(cfg)
     trainer = Trainer(cfg, task, workdir, dataset, tokenizer, resume_step=resume_step)
     return trainer.run()
