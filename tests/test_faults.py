@@ -427,3 +427,27 @@ def test_damaged_export_names_file_and_tensor(trained, tmp_path, data_dir):
     os.truncate(weights, os.path.getsize(weights) // 2)
     with pytest.raises(export_format.ExportFormatError, match=re.escape(f"cannot read {weights}: SafetensorError")):
         load(out, data_dir)
+
+
+def test_checkpoint_with_an_older_optimizer_layout_is_named_not_called_damaged(tmp_path, data_dir, monkeypatch):
+    """A run saved before the learning rate became an injected hyperparameter: resuming it names
+    the reason (not "damaged", nothing moved), and its parameters still load."""
+    import optax
+
+    from discreteflow_jax.training import optim, trainer
+
+    def plain_adamw(train):  # the layout such runs saved: the schedule inside AdamW
+        return optax.chain(optax.clip_by_global_norm(train.grad_clip),
+                           optax.adamw(optim.lr_schedule(train), b1=train.b1, b2=train.b2,
+                                       weight_decay=train.weight_decay, mask=optim._decay_mask))
+
+    workdir = str(tmp_path / "run")
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "make_optimizer", plain_adamw)
+        patch.setattr(trainer, "learning_rate", lambda opt_state: 0.0)  # no injected rate to read back
+        experiment.run(smoke(**{"train.num_steps": 3}), workdir, data_dir=data_dir)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="older layout") as info:
+        experiment.run(smoke(), workdir, data_dir=data_dir)
+    assert "damaged" not in str(info.value)
+    assert os.path.isdir(step_dir(workdir, 3)) and not os.path.exists(os.path.join(workdir, ckpt.DAMAGED_DIR))
+    assert load(workdir).step == 3

@@ -157,7 +157,17 @@ class Trainer:
             ckpt.check_compatible(
                 meta.get("config", {}), self.cfg.raw, self.workdir, meta.get("task_identity"), self.task.identity
             )
-            state, meta = ckpt.guarded(self.ckpt, step, lambda: ckpt.restore(self.ckpt, step, self.abstract_state))
+            try:
+                state, meta = ckpt.guarded(self.ckpt, step, lambda: ckpt.restore(self.ckpt, step, self.abstract_state))
+            except ckpt.CheckpointDamagedError as err:
+                if "opt_state" in str(err) and "tree structures do not match" in str(err):
+                    raise ckpt.CheckpointMismatchError(
+                        f"the checkpoint at step {step} in {self.workdir} holds its optimizer state in an older "
+                        "layout (before the learning rate became an injected hyperparameter), so training cannot "
+                        "continue from it. Its parameters still load (load(), sample, export); to train on, "
+                        "start a new --workdir."
+                    ) from err
+                raise
         except ckpt.CheckpointDamagedError as err:
             error = err
         if self.process_count > 1:  # every process falls back together, or none does
