@@ -70,6 +70,24 @@ def call(main: Callable[[list[str]], int | None], fv: flags.FlagValues, args: Se
     return main(parse(fv, [prog, *args])) or 0
 
 
+def in_process(main: Callable[[list[str]], int | None], fv: flags.FlagValues, module: str
+               ) -> Callable[[Sequence[str]], int]:
+    """``run(args)`` of an entry point: what ``python -m <module> ARGS...`` does, in this process."""
+
+    def run(args: Sequence[str]) -> int:
+        return call(main, fv, args, prog=f"python -m {module}")
+
+    run.__doc__ = f"``python -m {module} ARGS...`` in this process; returns the exit code."
+    return run
+
+
+def positional_error(argv: Sequence[str]) -> int | None:
+    """The exit code for stray positional arguments (every option is a --flag), else None."""
+    if len(argv) > 1:
+        return fail(f"unexpected arguments {list(argv[1:])}; every option is a --flag (see --help)")
+    return None
+
+
 def run(main: Callable[[list[str]], int | None], fv: flags.FlagValues) -> None:
     """Starts an entry point from ``sys.argv`` through ``absl.app.run`` (which exits with ``main``'s
     return value)."""

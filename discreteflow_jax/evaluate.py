@@ -79,9 +79,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def run(args: list[str]) -> int:
-    """``python -m discreteflow_jax.evaluate ARGS...`` in this process; returns the exit code."""
-    return cli.call(main, FLAGS, args, prog="python -m discreteflow_jax.evaluate")
+run = cli.in_process(main, FLAGS, "discreteflow_jax.evaluate")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ flags.mark_flags_as_required(["workdir", "out"], flag_values=FLAGS)
 
 def main(argv: list[str]) -> int:
     """Loads the workdir's model and writes the export."""
-    if len(argv) > 1:
-        return cli.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
+    if (error := cli.positional_error(argv)) is not None:
+        return error
     cli.setup_logging()
     from discreteflow_jax.inference.export import export_workdir
     from discreteflow_jax.training.experiment import USER_ERRORS
@@ -37,9 +37,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def run(args: list[str]) -> int:
-    """``python -m discreteflow_jax.export ARGS...`` in this process; returns the exit code."""
-    return cli.call(main, FLAGS, args, prog="python -m discreteflow_jax.export")
+run = cli.in_process(main, FLAGS, "discreteflow_jax.export")
 
 
 if __name__ == "__main__":

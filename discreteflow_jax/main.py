@@ -48,16 +48,15 @@ flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 def main(argv: list[str]) -> int:
     """Starts the multi-process runtime when asked, then runs the experiment."""
-    if len(argv) > 1:
-        return cli.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
+    if (error := cli.positional_error(argv)) is not None:
+        return error
     cli.setup_logging()
     import jax
 
-    from discreteflow_jax.training import experiment
+    from discreteflow_jax.training import distributed, experiment
 
     try:
-        experiment.maybe_initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
-                                                FLAGS.process_id)
+        distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ValueError as err:
         return cli.fail(err)
     if jax.process_index() > 0:  # one process speaks for the run; the others only report problems
@@ -77,9 +76,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def run(args: list[str]) -> int:
-    """``python -m discreteflow_jax.main ARGS...`` in this process; returns the exit code."""
-    return cli.call(main, FLAGS, args, prog="python -m discreteflow_jax.main")
+run = cli.in_process(main, FLAGS, "discreteflow_jax.main")
 
 
 if __name__ == "__main__":

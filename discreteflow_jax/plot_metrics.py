@@ -26,8 +26,8 @@ flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 def main(argv: list[str]) -> int:
     """Reads the curves and writes the plot; prints its path."""
-    if len(argv) > 1:
-        return cli.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
+    if (error := cli.positional_error(argv)) is not None:
+        return error
 
     try:
         curves = bucket_curves(os.path.join(FLAGS.workdir, "metrics.jsonl"))
@@ -39,9 +39,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def run(args: list[str]) -> int:
-    """``python -m discreteflow_jax.plot_metrics ARGS...`` in this process; returns the exit code."""
-    return cli.call(main, FLAGS, args, prog="python -m discreteflow_jax.plot_metrics")
+run = cli.in_process(main, FLAGS, "discreteflow_jax.plot_metrics")
 
 
 if __name__ == "__main__":

@@ -84,8 +84,8 @@ def default_out(args: flags.FlagValues, steps: int | None) -> str:
 
 def main(argv: list[str]) -> int:
     """Loads the model, draws the samples, prints them and writes them to one file."""
-    if len(argv) > 1:
-        return cli.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
+    if (error := cli.positional_error(argv)) is not None:
+        return error
     cli.setup_logging()
 
     args = FLAGS
@@ -114,9 +114,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def run(args: list[str]) -> int:
-    """``python -m discreteflow_jax.sample ARGS...`` in this process; returns the exit code."""
-    return cli.call(main, FLAGS, args, prog="python -m discreteflow_jax.sample")
+run = cli.in_process(main, FLAGS, "discreteflow_jax.sample")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ MAX_MODULE_LINES = 400
 _FAST_HELP = "--help and flag errors answer without importing JAX"
 LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("main", "training.experiment"): _FAST_HELP,
+    ("main", "training.distributed"): _FAST_HELP,
     ("export", "inference.export"): _FAST_HELP,
     ("export", "training.experiment"): _FAST_HELP,
 }

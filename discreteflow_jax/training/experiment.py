@@ -30,20 +30,6 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def maybe_initialize_distributed(
-    mode: str = "auto",
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> bool:
-    """Starts JAX's multi-controller runtime when launched as one of several processes.
-
-    Explicit arguments, then $JAX_COORDINATOR_ADDRESS/$JAX_NUM_PROCESSES/$JAX_PROCESS_ID, then
-    cluster auto-detection (Cloud TPU VMs, SLURM); see ``discreteflow_jax.training.distributed.initialize``.
-    """
-    return distributed.initialize(mode, coordinator_address, num_processes, process_id)
-
-
 def prepare(config: ml_collections.ConfigDict, data_dir: str | None = None) -> tuple[ExperimentConfig, Any, Any]:
     """Validates the config and loads tokenizer and dataset. Returns (cfg, tokenizer, dataset)."""
     cfg = parse_config(config)
