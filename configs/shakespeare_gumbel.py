@@ -7,7 +7,8 @@ tiny_shakespeare (non-causal; causal with --config.causal=True).
 
 Use the same variant for both commands: `:cpu` distills the `:cpu` teacher (LLaMA dim 256, 4 layers,
 ffn 1024, context 64) into a student of the `shakespeare_baseline.py:cpu` shape; `:smoke` (seconds,
-tests) distills the `:smoke` teacher.
+tests) distills the `:smoke` teacher. `:cpu,logit_channel` trains the logit-channel student
+(docs/gumbel_channel.md) instead.
 """
 
 from discreteflow_jax.config.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
@@ -24,6 +25,13 @@ VARIANTS = {
         "flow.time_sampler": "power", "flow.time_param": 2.0,
         # The recipe that reads context (docs/context_ablation.md); `:cpu,original` drops it.
         **CONTEXT_RECIPE,
+    },
+    # The logit-channel student (docs/gumbel_channel.md): distilled to the teacher's conditional,
+    # tokens argmax(h + G); Gaussian x0 and no context, network logits only, whole. After `cpu`
+    # or `smoke`: `:cpu,logit_channel`.
+    "logit_channel": {
+        "gumbel.logit_channel": True, "gumbel.conditioning": "none", "model.singular_logits": False,
+        "model.loss_chunk": 0,
     },
     "smoke": {
         "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 16,

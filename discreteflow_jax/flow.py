@@ -268,12 +268,19 @@ def sample_flow(
     temperature: float = 1.0,
     clamp_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     final_state: bool = False,
+    logit_noise: jax.Array | None = None,
+    noise_tau: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Integrates the flow from x0 along ``grid`` in one ``lax.fori_loop``.
 
     ``temperature`` divides the logits before the softmax (1: the model's posterior mean).
     ``clamp_fn(x_t, t)`` (optional) overwrites known positions at every step (conditional
     generation). Returns (tokens [B, T] = argmax of the last logits, x [B, T, d]).
+
+    ``logit_noise`` [B, T, V] (the Gumbel logit channel) is added to the tempered logits at every
+    step: the step's tokens are argmax(logits/temperature + noise), x̂₁ is their embedding
+    (``noise_tau`` = 0) or softmax((logits/temperature + noise)/noise_tau)·E, and the final
+    tokens are the argmax of the last noisy logits.
 
     The tokens need only the argmax of the last logits, so the last step skips the softmax and
     the V-wide p·E matmul (exact: same tokens; one of the 2K V-wide matmuls of a K-step sample)
@@ -291,9 +298,16 @@ def sample_flow(
             x = clamp_fn(x, t)
         t_B = jnp.full((b,), t)
         logits = model(x, t_B, context, x1_prev) if use_self_cond else model(x, t_B, context)
+        if logit_noise is not None:
+            logits = logits / temperature + logit_noise
 
         def advance(_):
-            x1_hat = posterior_mean(model, logits, temperature)
+            if logit_noise is None:
+                x1_hat = posterior_mean(model, logits, temperature)
+            elif noise_tau > 0:
+                x1_hat = posterior_mean(model, logits, noise_tau)
+            else:
+                x1_hat = jnp.take(model.embeddings(), jnp.argmax(logits, axis=-1), axis=0)
             return euler_update(x, x1_hat, t, t_next), tokens, x1_hat
 
         def finish(_):

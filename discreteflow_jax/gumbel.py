@@ -253,6 +253,8 @@ def student_inputs(
     """(x0, cross-attention context) for a reduced noise softmax(G/τ)·E. x0 None: Gaussian."""
     if gumbel.conditioning == "x0":
         return context_BTD, None
+    if gumbel.conditioning == "none":
+        return None, None
     # The residual stream reads x_t / embed_scale; the context gets the same O(1) scale.
     return None, context_BTD / model.cfg.embed_scale_value
 
@@ -317,6 +319,8 @@ def gumbel_source(
 ) -> tuple[jax.Array, jax.Array | None]:
     """(x0, context) for sampling: G from the prior (scaled by ``sample_temperature``); no teacher."""
     g_key, x0_key = jax.random.split(key)
+    if gumbel.conditioning == "none":
+        return flow.gaussian_source(x0_key, batch, seq_len, model), None
     emb = model.embeddings()
     chunk = resolve_chunk(seq_len, batch, emb.shape[0], gumbel.chunk_size)
     ctx = prior_context(
@@ -340,7 +344,19 @@ def sample_gumbel_flow(
 ) -> jax.Array:
     """Tokens [B, T] from a Gumbel-conditioned TokenFlow in ``len(grid) − 1`` flow steps (any K ≥ 1)."""
     x0, context = gumbel_source(model, key, batch, seq_len, gumbel)
-    return flow.sample_flow(model, x0, grid, context=context, temperature=temperature)[0]
+    noise = logit_noise(model, key, batch, seq_len, gumbel)
+    return flow.sample_flow(
+        model, x0, grid, context=context, temperature=temperature, logit_noise=noise, noise_tau=gumbel.logit_tau
+    )[0]
+
+
+def logit_noise(model: TokenFlow, key: jax.Array, batch: int, seq_len: int, gumbel: GumbelConfig) -> jax.Array | None:
+    """The logit channel's noise for sampling, ``sample_temperature``·G [B, T, V] fp32, from the same
+    key and draws as ``gumbel_source``'s context (both see one G); None without the channel."""
+    if not gumbel.logit_channel:
+        return None
+    g_key = jax.random.split(key)[0]  # the split gumbel_source makes
+    return gumbel.sample_temperature * sample_prior(g_key, batch, seq_len, model.cfg.vocab_size)
 
 
 def make_sampler(

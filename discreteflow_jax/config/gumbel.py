@@ -11,18 +11,23 @@ from typing import Any
 from discreteflow_jax.config.model import TokenFlowConfig
 from discreteflow_jax.config.schema import ConfigError
 
-CONDITIONINGS = ("x0", "cross_attention")
+# "none": Gaussian x0 and no context; the student sees G only through the logit channel.
+CONDITIONINGS = ("x0", "cross_attention", "none")
 SOURCES = ("data_posterior", "teacher_sample")
 
 
 @dataclasses.dataclass(frozen=True)
 class GumbelConfig:
-    conditioning: str = "cross_attention"  # "x0" | "cross_attention"
+    conditioning: str = "cross_attention"  # "x0" | "cross_attention" | "none" (logit channel only)
     source: str = "data_posterior"  # "data_posterior" | "teacher_sample"
     tau: float = 1.0  # temperature of softmax(G/τ) in the reduction of G to the student's input
     sample_temperature: float = 1.0  # scales the prior G at sampling time (< 1: closer to greedy)
     chunk_size: int = 0  # positions per chunk of the fused G reduction; 0 = automatic
     embed_grad: bool = False  # gradient through softmax(G)·E into the student embedding
+    # The student's logits h estimate the teacher's conditional (trained by distillation) and its
+    # tokens are argmax(h + G) with the sampling G (docs/gumbel_channel.md, "Design").
+    logit_channel: bool = False
+    logit_tau: float = 0.0  # logit channel: x̂₁ = E[argmax(h + G)] at 0, else softmax((h + G)/logit_tau)·E
 
 
 def parse_gumbel_config(section: Mapping[str, Any] | None) -> GumbelConfig:
@@ -46,6 +51,13 @@ def parse_gumbel_config(section: Mapping[str, Any] | None) -> GumbelConfig:
         raise ConfigError(f"config.gumbel.tau must be > 0 (1 = the original), got {g.tau}")
     if not g.sample_temperature > 0:
         raise ConfigError(f"config.gumbel.sample_temperature must be > 0 (1 = no change), got {g.sample_temperature}")
+    if not g.logit_tau >= 0:
+        raise ConfigError(f"config.gumbel.logit_tau must be >= 0 (0 = one-hot x̂₁), got {g.logit_tau}")
+    if g.conditioning == "none" and not g.logit_channel:
+        raise ConfigError(
+            "config.gumbel.conditioning='none' hands G to the student through the logit channel only; "
+            "set config.gumbel.logit_channel=True or use conditioning 'x0' or 'cross_attention'"
+        )
     if not isinstance(g.chunk_size, int) or isinstance(g.chunk_size, bool) or g.chunk_size < 0:
         raise ConfigError(f"config.gumbel.chunk_size must be an integer >= 0 (0 = automatic), got {g.chunk_size!r}")
     return g
@@ -53,11 +65,15 @@ def parse_gumbel_config(section: Mapping[str, Any] | None) -> GumbelConfig:
 
 def student_config(model: TokenFlowConfig, gumbel: GumbelConfig) -> TokenFlowConfig:
     """The TokenFlow config the Gumbel conditioning needs: cross-attention layers exist exactly when
-    ``conditioning == "cross_attention"`` (the gumbel section decides, so it always reaches the model)."""
+    ``conditioning == "cross_attention"`` (the gumbel section decides, so it always reaches the model).
+    The logit channel needs the network logits alone, whole (see ``check_logit_channel``)."""
     wants = gumbel.conditioning == "cross_attention"
+    if gumbel.logit_channel:
+        check_logit_channel(model)
     if model.cross_attention and not wants:
         raise ConfigError(
-            "config.model.cross_attention=True but config.gumbel.conditioning='x0' does not use cross-attention; "
+            f"config.model.cross_attention=True but config.gumbel.conditioning={gumbel.conditioning!r} does not "
+            "use cross-attention; "
             "leave model.cross_attention=False (the gumbel section sets it) or use conditioning='cross_attention'"
         )
     if model.context_dim not in (0, model.flow_width):
@@ -66,3 +82,24 @@ def student_config(model: TokenFlowConfig, gumbel: GumbelConfig) -> TokenFlowCon
             f"embedding width {model.flow_width}; set context_dim=0"
         )
     return dataclasses.replace(model, cross_attention=wants, context_dim=0)
+
+
+def check_logit_channel(model: TokenFlowConfig) -> None:
+    """Raises ConfigError for a student the logit-channel distillation cannot train."""
+    if model.singular_logits:
+        # The singular term is the likelihood of x_t given x_i: at large t it points at x_i, which
+        # the distillation target (the teacher's conditional given x_<i) does not contain.
+        raise ConfigError(
+            "config.gumbel.logit_channel=True needs config.model.singular_logits=False: the student's logits must "
+            "estimate the teacher's conditional, which the singular term (the likelihood of the token itself) biases"
+        )
+    if model.loss_chunk > 0:
+        raise ConfigError(
+            f"config.gumbel.logit_channel=True needs config.model.loss_chunk=0 (got {model.loss_chunk}): the "
+            "distillation loss takes the teacher's whole distribution, the chunked loss only hard labels"
+        )
+    if model.self_condition:
+        raise ConfigError(
+            "config.gumbel.logit_channel=True does not support config.model.self_condition=True (the sampler's "
+            "estimate x̂₁ is the embedding of argmax(h + G), which training does not reproduce); set it to False"
+        )

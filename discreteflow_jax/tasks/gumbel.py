@@ -24,16 +24,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from discreteflow_jax import gumbel as gmb
 from discreteflow_jax.config import ConfigError, ExperimentConfig, TokenFlowConfig, parse_gumbel_config, student_config
+from discreteflow_jax.gumbel_distill import gumbel_distill_loss
 from discreteflow_jax.io.teacher import TeacherBundle, load_teacher
 from discreteflow_jax.models import sharding as shd
 from discreteflow_jax.models.gpt2 import GPT2
 from discreteflow_jax.models.llama import Llama
 from discreteflow_jax.models.tokenflow import TokenFlow
-from discreteflow_jax.tasks.base import Task, known_positions, stratified_times, summarize_flow
+from discreteflow_jax.tasks.base import Task, bucket_edges, known_positions, stratified_times, summarize_flow
 
 log = logging.getLogger("discreteflow_jax")
 
@@ -48,7 +50,8 @@ def add_gumbel_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
     c.gumbel = ml_collections.ConfigDict()
     # How the student sees G: "cross_attention" (Gaussian x0, softmax(G)·E as a position-aligned
-    # cross-attention context; the model gets cross-attention layers) | "x0" (softmax(G/τ)·E is x0).
+    # cross-attention context; the model gets cross-attention layers) | "x0" (softmax(G/τ)·E is x0)
+    # | "none" (Gaussian x0, no context: G only through the logit channel).
     c.gumbel.conditioning = "cross_attention"
     # Where (G, x) pairs come from: "data_posterior" (data + one teacher pass + exact posterior of G)
     # | "teacher_sample" (G from the prior, x decoded by the teacher with a KV cache; no data needed).
@@ -57,6 +60,11 @@ def add_gumbel_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.gumbel.sample_temperature = 1.0  # G is scaled by this when sampling (< 1: closer to greedy)
     c.gumbel.chunk_size = 0  # positions per chunk of the fused teacher-head/posterior/reduction; 0 = auto
     c.gumbel.embed_grad = False  # gradient through softmax(G)·E into the student embedding (recomputes chunks)
+    # Logit channel (docs/gumbel_channel.md): the student's logits h are distilled to the teacher's
+    # conditional (KL per token) and its tokens are argmax(h + G). Needs model.singular_logits=False
+    # and model.loss_chunk=0; `:cpu,logit_channel` sets them.
+    c.gumbel.logit_channel = False
+    c.gumbel.logit_tau = 0.0  # sampling: x̂₁ = E[argmax(h + G)] at 0, else softmax((h + G)/logit_tau)·E
 
     c.teacher = ml_collections.ConfigDict()
     c.teacher.checkpoint = ""  # workdir of our teacher run (configs/shakespeare_teacher.py); or set hf
@@ -118,8 +126,15 @@ def teacher_graphdef(teacher: Any, dtype: str | None) -> Any:
 
 def summarize_gumbel(sums: dict, prefix: str, num_buckets: int) -> dict[str, float]:
     out = summarize_flow(sums, prefix, num_buckets)
+    tokens = max(float(sums["tokens"]), 1.0)
     if "teacher_nll_sum" in sums:
-        out[f"{prefix}/teacher_nll"] = float(sums["teacher_nll_sum"]) / max(float(sums["tokens"]), 1.0)
+        out[f"{prefix}/teacher_nll"] = float(sums["teacher_nll_sum"]) / tokens
+    if "gumbel_agree_sum" in sums:
+        out[f"{prefix}/gumbel_agree"] = float(sums["gumbel_agree_sum"]) / tokens
+        per_bucket, n_bucket = np.asarray(sums["bucket_agree_sum"]), np.asarray(sums["bucket_tokens"])
+        for name, value, n in zip(bucket_edges(num_buckets), per_bucket, n_bucket):
+            if n > 0:
+                out[f"{prefix}/gumbel_agree_t{name}"] = float(value / n)
     return out
 
 
@@ -149,9 +164,12 @@ def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
     def frozen_teacher(aux: Any) -> nnx.Module:
         return nnx.merge(t_graphdef, jax.lax.stop_gradient(aux))
 
+    # The logit channel distills the teacher's conditional; the other students learn the flow CE.
+    student_loss = gumbel_distill_loss if gcfg.logit_channel else gmb.gumbel_flow_loss
+
     def loss_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):
         mask = jnp.ones(tokens.shape, jnp.float32)
-        return gmb.gumbel_flow_loss(
+        return student_loss(
             model, frozen_teacher(aux), tokens, mask, key, gcfg, bos_id=bos, time_sampler=fc.time_sampler,
             time_param=fc.time_param, num_buckets=fc.num_buckets, known_BT=known_positions(fc, tokens.shape, key),
             token_time_prob=fc.token_time_prob,
@@ -162,7 +180,7 @@ def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
         # source="teacher_sample"): how well the student realizes the teacher's map on real text.
         mask = jnp.ones(tokens.shape, jnp.float32)
         t = stratified_times(jax.random.fold_in(key, 1), tokens.shape[0])
-        return gmb.gumbel_flow_loss(
+        return student_loss(
             model, frozen_teacher(aux), tokens, mask, key, gcfg, bos_id=bos, source="data_posterior",
             num_buckets=fc.num_buckets, t_B=t,
         )[1]
