@@ -42,7 +42,6 @@ def gumbel_prior(gumbel_section: dict | None, known_noise: str = "posterior") ->
     prior noise there. With no known position both equal ``gumbel.gumbel_source`` exactly (same
     keys, same draws).
     """
-
     if known_noise not in KNOWN_NOISE:
         raise ValueError(f"known_noise must be one of {', '.join(KNOWN_NOISE)}, got {known_noise!r}")
     gcfg = gmb.parse_gumbel_config(gumbel_section)
@@ -92,12 +91,19 @@ def conditional_sample(
     source: SourceFn = gaussian_prior,
     temperature: jax.Array | float = 1.0,
     condition: str = "clamp",
+    gumbel: gmb.GumbelConfig | None = None,
 ) -> jax.Array:
     """Samples [B, T] tokens; positions where ``known_mask_BT`` is True are held (see the module
-    docstring for ``condition``) and returned unchanged. An all-False mask is plain sampling."""
+    docstring for ``condition``) and returned unchanged. An all-False mask is plain sampling.
+    ``gumbel`` (a ``GumbelConfig`` with ``logit_channel``): the prior G drawn from ``key`` as in
+    ``gumbel.sample_gumbel_flow`` is added to the logits at every step (at known positions it is
+    the prior draw: their tokens are held anyway)."""
     if condition not in CONDITION_MODES:
         raise ValueError(f"condition must be one of {CONDITION_MODES}, got {condition!r}")
     x0, context = source(key, model, known_tokens_BT, known_mask_BT)
+    noise, noise_tau = None, 0.0
+    if gumbel is not None and gumbel.logit_channel:
+        noise, noise_tau = gmb.logit_noise(model, key, *known_tokens_BT.shape, gumbel), gumbel.logit_tau
     e_known = model.embed(known_tokens_BT)
     mask = known_mask_BT[..., None]
 
@@ -105,5 +111,6 @@ def conditional_sample(
         target = e_known if condition == "clamp" else t * e_known + (1.0 - t) * x0
         return jnp.where(mask, target, x)
 
-    tokens, _ = flow.sample_flow(model, x0, grid, context=context, temperature=temperature, clamp_fn=clamp)
+    tokens, _ = flow.sample_flow(model, x0, grid, context=context, temperature=temperature, clamp_fn=clamp,
+                                 logit_noise=noise, noise_tau=noise_tau)
     return jnp.where(known_mask_BT, known_tokens_BT, tokens)

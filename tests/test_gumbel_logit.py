@@ -16,6 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
+import discreteflow_jax as dfj
 from discreteflow_jax import flow
 from discreteflow_jax import gumbel as gmb
 from discreteflow_jax.config import ConfigError, GumbelConfig, TokenFlowConfig, parse_config, parse_gumbel_config
@@ -239,3 +240,7 @@ def test_task_trains_evaluates_and_samples_through_the_channel(conditioning: str
     graphdef, params = nnx.split(model)
     out = np.asarray(task.sample_fn(graphdef, params, task.aux, jax.random.key(2), 1))
     assert out.shape == (3, t) and len(set(out.reshape(-1))) > 3
+    # A loaded model (what `sample` and `evaluate sweep` run) samples through the same channel.
+    loaded = dfj.TokenFlowModel(parse_config(c), graphdef, params, None, "test")
+    np.testing.assert_array_equal(loaded.sample_tokens(3, 2, seed=2), gmb.sample_gumbel_flow(
+        model, jax.random.key(2), flow.time_grid(2), parse_gumbel_config(c.gumbel.to_dict()), batch=3, seq_len=t))

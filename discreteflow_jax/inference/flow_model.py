@@ -81,11 +81,12 @@ class TokenFlowModel:
     def _program(self, condition: str, known_noise: str) -> Callable:
         if (condition, known_noise) not in self._programs:
             graphdef, prior = self.graphdef, source_for(self.config, known_noise)
+            gcfg = self._gumbel_config() if self.kind == "gumbel" else None
 
             def run(params, key, grid, known_tokens, known_mask, temperature):
                 model = nnx.merge(graphdef, params)
                 return conditional_sample(model, key, grid, known_tokens, known_mask, source=prior,
-                                          temperature=temperature, condition=condition)
+                                          temperature=temperature, condition=condition, gumbel=gcfg)
 
             self._programs[condition, known_noise] = jax.jit(run)
         return self._programs[condition, known_noise]
