@@ -25,7 +25,7 @@ def _variants(name: str) -> list[str | None]:
 def test_every_config_file_is_covered():
     assert set(CONFIG_FILES) >= {"shakespeare_baseline", "shakespeare_teacher", "shakespeare_gumbel",
                                  "fineweb_baseline", "fineweb_gumbel"}
-    assert all(_variants(name)[1:] == ["cpu", "smoke"] for name in CONFIG_FILES)
+    assert all({"cpu", "smoke"} <= set(_variants(name)[1:]) for name in CONFIG_FILES)
 
 
 @pytest.mark.parametrize(("name", "variant"), [(n, v) for n in CONFIG_FILES for v in _variants(n)])
