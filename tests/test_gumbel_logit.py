@@ -1,6 +1,7 @@
 """The Gumbel logit channel: the sampler with an oracle student reproduces the teacher's Gumbel-max
 decode of the same noise, K = 1 draws from the student's marginal instead of repeating its mode,
-the configuration errors, and a short distillation run on a bigram teacher."""
+the configuration errors, a short distillation run on a bigram teacher, and the task and a loaded
+model (sampling, scoring) going through the channel."""
 
 from __future__ import annotations
 
@@ -207,14 +208,17 @@ def test_distillation_learns_the_teachers_conditional_and_samples_with_its_coupl
     assert teacher_log_probs(teacher, val_tokens, BOS).shape == (b, t, V)
 
 
-@pytest.mark.parametrize("conditioning,source", [("none", "teacher_sample"), ("cross_attention", "data_posterior")])
-def test_task_trains_evaluates_and_samples_through_the_channel(conditioning: str, source: str) -> None:
+VOCAB_LLAMA, T_LLAMA = 32, 8
+
+
+def _llama_task(conditioning: str, source: str):
+    """(config, teacher bundle, task) of a logit-channel student of a tiny random LLaMA teacher."""
     from discreteflow_jax.config.presets import tokenflow_defaults
     from discreteflow_jax.io.teacher import TeacherBundle
     from discreteflow_jax.models.llama import Llama, LlamaConfig
     from discreteflow_jax.tasks.gumbel import add_gumbel_sections
 
-    vocab, t = 32, 8
+    vocab, t = VOCAB_LLAMA, T_LLAMA
     llama = Llama(LlamaConfig(vocab_size=vocab, dim=32, num_layers=1, num_heads=2, ffn_hidden=64, max_len=t,
                               bos_id=1, init_std=0.2), rngs=nnx.Rngs(0))
     t_graphdef, t_state = nnx.split(llama)
@@ -225,10 +229,15 @@ def test_task_trains_evaluates_and_samples_through_the_channel(conditioning: str
     c.model.singular_logits, c.model.loss_chunk = False, 0
     c.data.seq_len, c.train.batch_size, c.train.grad_accum, c.sample.num_samples = t, 4, 1, 3
     c.gumbel.logit_channel, c.gumbel.conditioning, c.gumbel.source = True, conditioning, source
-    task = gumbel_task(parse_config(c), teacher=bundle)
+    return c, bundle, gumbel_task(parse_config(c), teacher=bundle)
+
+
+@pytest.mark.parametrize("conditioning,source", [("none", "data_posterior"), ("cross_attention", "teacher_sample")])
+def test_task_trains_evaluates_and_samples_through_the_channel(conditioning: str, source: str) -> None:
+    _, _, task = _llama_task(conditioning, source)
     model = task.create_model(nnx.Rngs(0))
     assert any("cross_attn" in str(p) for p, _ in nnx.to_flat_state(nnx.state(model))) == (conditioning != "none")
-    tokens = jax.random.randint(jax.random.key(0), (4, t), 0, vocab)
+    tokens = jax.random.randint(jax.random.key(0), (4, T_LLAMA), 0, VOCAB_LLAMA)
     key = jax.random.key(1)
     loss, metrics = task.loss_fn(model, task.aux, tokens, key)
     # The loss is the mean per-token KL(teacher ‖ student) of the tokens it was computed on.
@@ -239,8 +248,28 @@ def test_task_trains_evaluates_and_samples_through_the_channel(conditioning: str
     assert any(k.startswith("val/gumbel_agree_t") for k in summary)
     graphdef, params = nnx.split(model)
     out = np.asarray(task.sample_fn(graphdef, params, task.aux, jax.random.key(2), 1))
-    assert out.shape == (3, t) and len(set(out.reshape(-1))) > 3
+    assert out.shape == (3, T_LLAMA) and len(set(out.reshape(-1))) > 3
+
+
+def test_loaded_model_samples_and_scores_through_the_channel() -> None:
+    from discreteflow_jax.inference import flow_model
+
+    c, bundle, task = _llama_task("none", "data_posterior")
+    model = task.create_model(nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    gcfg, t = parse_gumbel_config(c.gumbel.to_dict()), T_LLAMA
     # A loaded model (what `sample` and `evaluate sweep` run) samples through the same channel.
     loaded = dfj.TokenFlowModel(parse_config(c), graphdef, params, None, "test")
     np.testing.assert_array_equal(loaded.sample_tokens(3, 2, seed=2), gmb.sample_gumbel_flow(
-        model, jax.random.key(2), flow.time_grid(2), parse_gumbel_config(c.gumbel.to_dict()), batch=3, seq_len=t))
+        model, jax.random.key(2), flow.time_grid(2), gcfg, batch=3, seq_len=t))
+    # Scoring text uses the student's own objective, the KL, as the task's validation does.
+    window = np.asarray(jax.random.randint(jax.random.key(7), (1, t), 0, VOCAB_LLAMA), np.int32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flow_model, "text_windows", lambda tok, texts, n: (window, np.ones((1, n), np.float32)))
+        score = loaded.score(["(windows patched)"], teacher=bundle, seed=4)
+    nb = c.flow.num_buckets
+    key = jax.random.key(4)
+    times = (jnp.arange(nb, dtype=jnp.float32) + jax.random.uniform(jax.random.fold_in(key, 1), (nb,))) / nb
+    _, sums = gumbel_distill_loss(model, bundle.model(), jnp.repeat(window, nb, 0), jnp.ones((nb, t)), key, gcfg,
+                                  bos_id=1, source="data_posterior", num_buckets=nb, t_B=times)
+    np.testing.assert_allclose(score["loss"], float(sums["loss_sum"] / sums["tokens"]), rtol=1e-5)

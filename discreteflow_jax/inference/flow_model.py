@@ -19,6 +19,7 @@ from discreteflow_jax import gumbel as gmb
 from discreteflow_jax.conditioning import CONDITION_MODES, KNOWN_NOISE, conditional_sample, source_for
 from discreteflow_jax.config import ExperimentConfig
 from discreteflow_jax.data.tokenizers import Tokenizer
+from discreteflow_jax.gumbel_distill import gumbel_distill_loss
 from discreteflow_jax.inference.prompts import DEFAULT_BLANK_LENGTH, Known, build_known, text_windows
 from discreteflow_jax.inference.teacher_model import TeacherModel
 from discreteflow_jax.io.teacher import TeacherBundle, load_teacher
@@ -159,7 +160,8 @@ class TokenFlowModel:
         bucket sees all the text; ``repeats`` > 1 averages over more noise draws.
 
         A Gumbel model is scored with its own source, as in its validation: the exact posterior
-        Gumbel noise of the text under its teacher. ``teacher`` is that teacher (a model from
+        Gumbel noise of the text under its teacher (a logit-channel student: its loss, the KL to the
+        teacher's conditional). ``teacher`` is that teacher (a model from
         ``load``, a ``teacher.TeacherBundle``, or a teacher workdir / Hugging Face path); by
         default the one its training config names. Other models take no teacher.
         """
@@ -184,9 +186,11 @@ class TokenFlowModel:
                     return flow.flow_loss(model, tokens, mask, key, num_buckets=nb, t_B=t)[1]
 
                 t_model = nnx.merge(t_graphdef, t_state)
-                sums = gmb.gumbel_flow_loss(model, t_model, tokens, mask, key, gcfg, bos_id=bos,
-                                            source="data_posterior", num_buckets=nb, t_B=t)[1]
-                return {k: v for k, v in sums.items() if k != "teacher_nll_sum"}
+                # The student's own objective: the logit channel's is the KL to the teacher's conditional.
+                loss = gumbel_distill_loss if gcfg.logit_channel else gmb.gumbel_flow_loss
+                sums = loss(model, t_model, tokens, mask, key, gcfg, bos_id=bos, source="data_posterior",
+                            num_buckets=nb, t_B=t)[1]
+                return {k: sums[k] for k in ("loss_sum", "tokens", "bucket_loss_sum", "bucket_tokens")}
 
             self._programs["score", t_graphdef, bos] = jax.jit(score_batch)
         sums = None
