@@ -8,7 +8,8 @@ shapes: step time, tokens/s, compiled memory and FLOPs. JSON to stdout.
 
 Variants: ``baseline`` (Gaussian TokenFlow), ``x0`` / ``cross_attention`` (Gumbel conditioning,
 automatic chunking), ``NAME@C`` (Gumbel with ``gumbel.chunk_size=C``, e.g. ``@128`` = one chunk,
-i.e. the whole [B, T, V] noise at once, to see what chunking saves). The teacher is a LLaMA with
+i.e. the whole [B, T, V] noise at once, to see what chunking saves), ``logit_channel`` (the
+logit-channel student's distillation step). The teacher is a LLaMA with
 random weights (its values do not change the cost). Every variant runs exactly the step that
 training runs (``benchmarks/step_time.py``'s ``benchmark``, random tokens); ``--steps=0`` reads
 memory and FLOPs from the compiled program without running it.
@@ -63,6 +64,9 @@ def variant_config(variant: str):
         c = add_gumbel_sections(c)
         c.gumbel.conditioning = name
         c.gumbel.chunk_size = int(chunk or 0)
+    if name == "logit_channel":  # what `configs/shakespeare_gumbel.py:...,logit_channel` sets
+        c.gumbel.conditioning, c.gumbel.logit_channel = "none", True
+        c.model.singular_logits, c.model.loss_chunk = False, 0
     c.model.tie_embeddings = False  # as the Gumbel configs, so only the Gumbel parts differ
     c.model.vocab_size, c.model.dim, c.model.num_layers = _VOCAB.value, _DIM.value, _LAYERS.value
     c.model.num_heads, c.model.max_len, c.model.dtype = _HEADS.value, _SEQ.value, _DTYPE.value
