@@ -1,6 +1,8 @@
-"""The logit-channel Gumbel student's training loss: the student's network logits h are distilled
-to the teacher's conditional ℓ_i = log p_teacher(· | x_<i) (masked mean KL(teacher ‖ student) per
-token) on the plain flow path, and its tokens are argmax(h + G) at sampling time
+"""The logit-channel Gumbel student's training loss: its network logits are distilled to the
+teacher's conditional.
+
+h on the plain flow path is matched to ℓ_i = log p_teacher(· | x_<i) by the masked mean
+KL(teacher ‖ student) per token; G enters at sampling time only, as argmax(h + G)
 (``gumbel.sample_gumbel_flow``). Why G enters through the logits: docs/gumbel_channel.md.
 """
 
