@@ -92,12 +92,13 @@ def conditional_sample(
     temperature: jax.Array | float = 1.0,
     condition: str = "clamp",
     gumbel: gmb.GumbelConfig | None = None,
+    stagger: float = 0.0,
 ) -> jax.Array:
     """Samples [B, T] tokens; positions where ``known_mask_BT`` is True are held (see the module
     docstring for ``condition``) and returned unchanged. An all-False mask is plain sampling.
     ``gumbel`` (a ``GumbelConfig`` with ``logit_channel``): the prior G drawn from ``key`` as in
     ``gumbel.sample_gumbel_flow`` is added to the logits at every step (at known positions it is
-    the prior draw: their tokens are held anyway)."""
+    the prior draw: their tokens are held anyway). ``stagger``: see ``flow.staggered_times``."""
     if condition not in CONDITION_MODES:
         raise ValueError(f"condition must be one of {CONDITION_MODES}, got {condition!r}")
     x0, context = source(key, model, known_tokens_BT, known_mask_BT)
@@ -112,5 +113,5 @@ def conditional_sample(
         return jnp.where(mask, target, x)
 
     tokens, _ = flow.sample_flow(model, x0, grid, context=context, temperature=temperature, clamp_fn=clamp,
-                                 logit_noise=noise, noise_tau=noise_tau)
+                                 logit_noise=noise, noise_tau=noise_tau, stagger=stagger)
     return jnp.where(known_mask_BT, known_tokens_BT, tokens)

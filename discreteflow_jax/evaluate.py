@@ -39,6 +39,8 @@ flags.DEFINE_integer("batch_size", 64, "samples per sampler call", flag_values=F
 flags.DEFINE_enum("schedule", "uniform", list(TIME_GRIDS), "flow time grid", flag_values=FLAGS)
 flags.DEFINE_float("schedule_param", 2.0, "exponent of the power grid", flag_values=FLAGS)
 flags.DEFINE_float("temperature", 1.0, "flow sampler temperature", flag_values=FLAGS)
+flags.DEFINE_float("stagger", 0.0, "flow sampler: > 0 denoises left positions first (flow.staggered_times)",
+                   flag_values=FLAGS)
 flags.DEFINE_float("teacher_temperature", 1.0, "autoregressive sampling temperature", flag_values=FLAGS)
 flags.DEFINE_integer("ngram", 4, "n of the repeated-n-gram rate", flag_values=FLAGS)
 flags.DEFINE_integer("length", 0, "tokens per sample (0: the shortest model's)", flag_values=FLAGS)
@@ -66,8 +68,8 @@ def main(argv: list[str]) -> int:
         settings = SweepSettings(
             steps=_ints("steps", FLAGS.steps), num_samples=FLAGS.num_samples, seed=FLAGS.seed,
             batch_size=FLAGS.batch_size, schedule=FLAGS.schedule, schedule_param=FLAGS.schedule_param,
-            temperature=FLAGS.temperature, teacher_temperature=FLAGS.teacher_temperature, ngram=FLAGS.ngram,
-            length=FLAGS.length,
+            temperature=FLAGS.temperature, stagger=FLAGS.stagger, teacher_temperature=FLAGS.teacher_temperature,
+            ngram=FLAGS.ngram, length=FLAGS.length,
         )
         models = parse_models(FLAGS.models)
         report = run_sweep(models, FLAGS.scorer, settings, FLAGS.out, FLAGS.data_dir, FLAGS.scorer_tokenizer,

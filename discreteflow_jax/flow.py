@@ -19,6 +19,9 @@ from discreteflow_jax.models.tokenflow import TIME_WARP_GAIN, TokenFlow, per_pos
 
 # Share of the learned sampler's draws that stay uniform, so no region of t is ever starved.
 WARP_UNIFORM_SHARE = 0.1
+# The largest time a staggered sampler shows the model: positions that have reached the data
+# (t = 1) are held there, and the model, trained on t ∈ [0, 1), sees them as nearly clean.
+MAX_MODEL_TIME = 0.999
 
 
 def sample_time(
@@ -98,21 +101,30 @@ def warp_fit_loss(warp: jax.Array, t: jax.Array, token_loss: jax.Array, weights:
 
 def training_times(
     key: jax.Array, shape: tuple[int, int], sampler: str, param: float, token_time_prob: float,
-    warp: jax.Array | None = None,
+    warp: jax.Array | None = None, stagger_prob: float = 0.0, stagger_width: float = 1.0,
 ) -> jax.Array:
-    """Training times: [B] (one per sequence, the original) when ``token_time_prob`` is 0, else
-    [B, T] where a share ``token_time_prob`` of the sequences draws one time per position (the
-    rest keep one time for all their positions). Mixed noise levels put cleaner and noisier
-    neighbours side by side, which is what teaches the network to read its context."""
+    """Training times: [B] (one per sequence, the original) when ``token_time_prob`` and
+    ``stagger_prob`` are 0, else [B, T] where a share ``token_time_prob`` of the sequences draws one
+    time per position, a share ``stagger_prob`` gets staggered times (``staggered_times`` at a
+    progress s ~ U(0, 1) with w = ``stagger_width``, capped at ``MAX_MODEL_TIME``: clean left
+    context beside noisy right context, as a staggered sampler shows it) and the rest keep one
+    time for all their positions. Mixed noise levels put cleaner and noisier neighbours side by
+    side, which is what teaches the network to read its context."""
     b, t = shape
     # The per-sequence draw uses the key itself: with token_time_prob = 0 the times are the original's.
     per_seq = sample_time(key, b, sampler, param, warp)
     k_tok, k_which = jax.random.split(jax.random.fold_in(key, 0x707))
-    if token_time_prob <= 0:
+    if token_time_prob <= 0 and stagger_prob <= 0:
         return per_seq
     per_tok = sample_time(k_tok, (b, t), sampler, param, warp)
-    which = jax.random.uniform(k_which, (b, 1)) < token_time_prob
-    return jnp.where(which, per_tok, per_seq[:, None])
+    u = jax.random.uniform(k_which, (b, 1))
+    times = jnp.where(u < token_time_prob, per_tok, per_seq[:, None])
+    if stagger_prob <= 0:
+        return times
+    progress = jax.random.uniform(jax.random.fold_in(key, 0x5A6), (b,))
+    staggered = jnp.minimum(jax.vmap(lambda s: staggered_times(s, t, stagger_width))(progress), MAX_MODEL_TIME)
+    use = (u >= token_time_prob) & (u < token_time_prob + stagger_prob)
+    return jnp.where(use, staggered, times)
 
 
 def noisy_path(x1: jax.Array, x0: jax.Array, t_B: jax.Array) -> jax.Array:
@@ -145,6 +157,8 @@ def flow_loss(
     t_B: jax.Array | None = None,
     known_BT: jax.Array | None = None,
     token_time_prob: float = 0.0,
+    stagger_prob: float = 0.0,
+    stagger_width: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean cross-entropy of the clean tokens given x_t, over unmasked positions.
 
@@ -152,7 +166,8 @@ def flow_loss(
     reflow passes its own. ``known_BT`` (bool, optional) marks positions given as conditioning:
     they enter clean (x_t = e) and are left out of the loss, which teaches the model to fill in
     around known spans (see ``random_known_mask``). ``token_time_prob`` > 0 draws one time per
-    position for that share of the sequences (``training_times``); ``t_B`` may be given as [B]
+    position for that share of the sequences, ``stagger_prob`` gives a share staggered times
+    (``training_times``); ``t_B`` may be given as [B]
     or [B, T]. A self-conditioning model gets, for a random half of the sequences, its own
     estimate x̂₁ from a first pass without gradient. A model with time-warp parameters adds
     their fit to the loss (``warp_fit_loss``; the network's gradients are unchanged). Returns
@@ -162,7 +177,8 @@ def flow_loss(
     t_key, x0_key = jax.random.split(key)
     warp = model.time_warp[...] if model.time_warp is not None else None
     if t_B is None:
-        t_B = training_times(t_key, tokens_BT.shape, time_sampler, time_param, token_time_prob, warp)
+        t_B = training_times(t_key, tokens_BT.shape, time_sampler, time_param, token_time_prob, warp,
+                             stagger_prob, stagger_width)
     x1 = model.embed(tokens_BT)
     if x0 is None:
         x0 = model.cfg.sigma * jax.random.normal(x0_key, x1.shape, jnp.float32)
@@ -255,8 +271,22 @@ def time_grid(steps: int, schedule: str = "uniform", param: float = 2.0) -> jax.
 
 
 def euler_update(x_t: jax.Array, x1_hat: jax.Array, t: jax.Array, t_next: jax.Array) -> jax.Array:
-    """x_{t'} = x_t + (t'−t)/(1−t)·(x̂1 − x_t); exact x̂1 at t' = 1."""
-    return x_t + ((t_next - t) / (1.0 - t)) * (x1_hat - x_t)
+    """x_{t'} = x_t + (t'−t)/(1−t)·(x̂1 − x_t); exact x̂1 at t' = 1. ``t`` may be per position
+    ([T, 1]): a position already at t = 1 stays where it is."""
+    done = t >= 1.0
+    frac = jnp.where(done, 0.0, (t_next - t) / jnp.where(done, 1.0, 1.0 - t))
+    return x_t + frac * (x1_hat - x_t)
+
+
+def staggered_times(s: jax.Array, seq_len: int, stagger: float) -> jax.Array:
+    """Per-position flow times [T] at sampler progress ``s`` ∈ [0, 1] (AR-Diffusion's schedule):
+    t_j = clip((1 + w)·s − w·j/(T − 1), 0, 1) with w = ``stagger``. Every position runs from noise
+    (s = 0) to data (s = 1), but position j starts at s = w·j/((T−1)(1+w)) and spends a share
+    1/(1+w) of the grid on its way, so earlier positions are cleaner whenever a later one is
+    denoised: the network reads cleaner left context, which a model trained with per-token times
+    (``flow.token_time_prob``) has learnt to use. w = 0 is the ordinary sampler (one t)."""
+    frac = jnp.arange(seq_len, dtype=jnp.float32) / max(seq_len - 1, 1)
+    return jnp.clip((1.0 + stagger) * s - stagger * frac, 0.0, 1.0)
 
 
 def sample_flow(
@@ -270,6 +300,7 @@ def sample_flow(
     final_state: bool = False,
     logit_noise: jax.Array | None = None,
     noise_tau: float = 0.0,
+    stagger: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Integrates the flow from x0 along ``grid`` in one ``lax.fori_loop``.
 
@@ -281,6 +312,10 @@ def sample_flow(
     step: the step's tokens are argmax(logits/temperature + noise), x̂₁ is their embedding
     (``noise_tau`` = 0) or softmax((logits/temperature + noise)/noise_tau)·E, and the final
     tokens are the argmax of the last noisy logits.
+
+    ``stagger`` w > 0 gives every position its own time (``staggered_times``; the grid is then the
+    sampler's progress s, not t): left positions are denoised first. ``clamp_fn`` then receives t
+    as [T, 1]. The model's time input is capped at ``MAX_MODEL_TIME`` (training never draws t = 1).
 
     The tokens need only the argmax of the last logits, so the last step skips the softmax and
     the V-wide p·E matmul (exact: same tokens; one of the 2K V-wide matmuls of a K-step sample)
@@ -294,9 +329,14 @@ def sample_flow(
     def body(i, carry):
         x, tokens, x1_prev = carry
         t, t_next = grid[i], grid[i + 1]
+        if stagger > 0:  # per-position times, [T, 1] against x [B, T, d]
+            t = staggered_times(t, seq_len, stagger)[:, None]
+            t_next = staggered_times(t_next, seq_len, stagger)[:, None]
+            t_B = jnp.broadcast_to(jnp.minimum(t[:, 0], MAX_MODEL_TIME), (b, seq_len))
+        else:
+            t_B = jnp.full((b,), t)
         if clamp_fn is not None:
             x = clamp_fn(x, t)
-        t_B = jnp.full((b,), t)
         logits = model(x, t_B, context, x1_prev) if use_self_cond else model(x, t_B, context)
         if logit_noise is not None:
             logits = logits / temperature + logit_noise

@@ -341,12 +341,14 @@ def sample_gumbel_flow(
     batch: int,
     seq_len: int,
     temperature: float = 1.0,
+    stagger: float = 0.0,
 ) -> jax.Array:
     """Tokens [B, T] from a Gumbel-conditioned TokenFlow in ``len(grid) − 1`` flow steps (any K ≥ 1)."""
     x0, context = gumbel_source(model, key, batch, seq_len, gumbel)
     noise = logit_noise(model, key, batch, seq_len, gumbel)
     return flow.sample_flow(
-        model, x0, grid, context=context, temperature=temperature, logit_noise=noise, noise_tau=gumbel.logit_tau
+        model, x0, grid, context=context, temperature=temperature, logit_noise=noise, noise_tau=gumbel.logit_tau,
+        stagger=stagger,
     )[0]
 
 
@@ -361,14 +363,15 @@ def logit_noise(model: TokenFlow, key: jax.Array, batch: int, seq_len: int, gumb
 
 def make_sampler(
     graphdef: nnx.GraphDef, gumbel: GumbelConfig, *, batch: int, seq_len: int, steps: int, schedule: str = "uniform",
-    schedule_param: float = 2.0, temperature: float = 1.0,
+    schedule_param: float = 2.0, temperature: float = 1.0, stagger: float = 0.0,
 ) -> Callable[[Any, jax.Array], jax.Array]:
     """A jitted ``(params, key) -> tokens`` sampler for K = ``steps``."""
     grid = flow.time_grid(steps, schedule, schedule_param)
 
     def run(params: Any, key: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, params)
-        return sample_gumbel_flow(model, key, grid, gumbel, batch=batch, seq_len=seq_len, temperature=temperature)
+        return sample_gumbel_flow(model, key, grid, gumbel, batch=batch, seq_len=seq_len, temperature=temperature,
+                                  stagger=stagger)
 
     return jax.jit(run)
 

@@ -39,6 +39,8 @@ flags.DEFINE_float("temperature", None,
                    flag_values=FLAGS)
 flags.DEFINE_enum("schedule", None, list(TIME_GRIDS), "flow time grid (default: the config's)", flag_values=FLAGS)
 flags.DEFINE_float("schedule_param", None, "exponent of the power time grid", flag_values=FLAGS)
+flags.DEFINE_float("stagger", None, "flow: > 0 denoises left positions first (flow.staggered_times; "
+                   "default: the config's)", flag_values=FLAGS)
 flags.DEFINE_string("prompt", None, "text the samples start with", flag_values=FLAGS)
 flags.DEFINE_string("template", None, "text with blanks (___) to fill in (flow models only)", flag_values=FLAGS)
 flags.DEFINE_integer("blank_length", None, "tokens per blank of --template", flag_values=FLAGS)
@@ -64,6 +66,8 @@ def check_args(args: flags.FlagValues) -> None:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.temperature is not None and args.temperature <= 0:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if args.stagger is not None and not 0 <= args.stagger < float("inf"):
+        raise ValueError(f"--stagger must be a finite number >= 0, got {args.stagger}")
     if args.prompt is not None and args.template is not None:
         raise ValueError("give --prompt or --template, not both")
     if args.blank_length is not None and args.template is None:
@@ -98,6 +102,8 @@ def main(argv: list[str]) -> int:
             kwargs["blank_length"] = args.blank_length
         if args.temperature is not None:
             kwargs["temperature"] = args.temperature
+        if args.stagger is not None:
+            kwargs["stagger"] = args.stagger
         texts, steps = sample_texts(model, args.num_samples, args.steps, args.seed, batch_size=args.batch_size,
                                     length=args.length, **kwargs)
     except (ValueError, *USER_ERRORS) as err:  # bad flags and unreadable workdirs: a message, no traceback

@@ -167,6 +167,9 @@ def test_unconditional_sampling_matches_the_training_sampler():
     x0 = flow.gaussian_source(jax.random.key(5), 2, 16, m)
     ref, _ = flow.sample_flow(m, x0, flow.time_grid(3))
     np.testing.assert_array_equal(ours, np.asarray(ref))
+    staggered = model.sample_tokens(2, 3, seed=5, stagger=2.0)
+    ref_staggered, _ = flow.sample_flow(m, x0, flow.time_grid(3), stagger=2.0)
+    np.testing.assert_array_equal(staggered, np.asarray(ref_staggered))
 
 
 def test_score_reports_every_t_bucket():
@@ -207,6 +210,8 @@ def test_bad_requests_fail_before_compiling(monkeypatch):
         model.sample(1, 2, known_tokens=np.full(16, 999), known_mask=np.ones(16, bool))
     with pytest.raises(ValueError, match="condition must be"):
         model.sample(1, 2, prompt="ab", condition="pin")
+    with pytest.raises(ValueError, match="stagger must be"):
+        model.sample(1, 2, stagger=-1.0)
 
 
 def test_continue_prefixes_keeps_each_prefix_and_returns_the_rest():

@@ -70,6 +70,23 @@ def test_training_times_shapes_and_share():
     assert bool(jnp.all(jnp.std(t_all, axis=1) > 1e-6))
 
 
+def test_staggered_training_times():
+    key = jax.random.key(0)
+    t_mix = flow.training_times(key, (2048, 8), "power", 2.0, 0.5)
+    t_stag = flow.training_times(key, (2048, 8), "power", 2.0, 0.5, stagger_prob=0.25, stagger_width=2.0)
+    # The per-token and per-sequence draws are unchanged; a quarter of the sequences (taken from the
+    # per-sequence share) get staggered times.
+    changed = np.asarray(jnp.any(t_mix != t_stag, axis=1))
+    per_seq = np.asarray(jnp.std(t_mix, axis=1) < 1e-7)
+    assert not changed[~per_seq].any()
+    assert 0.2 < changed.mean() < 0.3
+    rows = np.asarray(t_stag)[changed]
+    assert (np.diff(rows, axis=1) <= 0).all() and rows.max() <= flow.MAX_MODEL_TIME and rows.min() >= 0
+    # Each staggered row is staggered_times at some progress s: t_0 − t_j = w·j/(T−1) where unclipped.
+    inside = (rows[:, :1] > 0) & (rows[:, :1] < flow.MAX_MODEL_TIME) & (rows[:, 1:2] > 0)
+    np.testing.assert_allclose((rows[:, 0] - rows[:, 1])[inside[:, 0]], 2.0 / 7, rtol=1e-4)
+
+
 def test_flow_metrics_bucket_each_token_by_its_own_time():
     loss = jnp.array([[1.0, 2.0, 3.0]])
     t = jnp.array([[0.05, 0.55, 0.95]])

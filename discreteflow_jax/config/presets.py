@@ -67,6 +67,10 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     # Share of training sequences that draw one flow time per position instead of one per
     # sequence; mixed noise levels teach the network to read its neighbours. 0 = the original.
     c.flow.token_time_prob = 0.0
+    # Share of training sequences whose times fall from left to right (t_j = clip((1+w)s − w·j/(T−1)),
+    # s ~ U(0, 1), w = stagger_width): the configurations a staggered sampler (sample.stagger) visits.
+    c.flow.stagger_prob = 0.0
+    c.flow.stagger_width = 1.0
 
     c.sample = ml_collections.ConfigDict()
     c.sample.steps = 16  # default number of flow steps K
@@ -75,6 +79,7 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     c.sample.num_samples = 4  # samples printed/saved at each evaluation
     c.sample.temperature = 1.0  # divides the logits inside the sampler (1 = posterior mean)
     c.sample.eval_steps = (8, 128)  # K values sampled at each evaluation
+    c.sample.stagger = 0.0  # > 0: left positions are denoised first (flow.staggered_times); 0 = one t
 
     c.train = ml_collections.ConfigDict()
     # SPEC §10 "batch 64 × 2 accumulation": 2 micro-batches of 64, i.e. 128 sequences per step.

@@ -76,6 +76,8 @@ class FlowConfig:
     condition_prefix_prob: float = 0.5  # of those: known prefix vs random known spans
     condition_span_len: int = 8  # block length of the random known spans
     token_time_prob: float = 0.0  # share of training sequences with one flow time per position (0: the original)
+    stagger_prob: float = 0.0  # share of training sequences with staggered times (flow.staggered_times)
+    stagger_width: float = 1.0  # w of those staggered times
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +88,7 @@ class SampleConfig:
     num_samples: int = 4
     temperature: float = 1.0
     eval_steps: tuple[int, ...] = (8, 128)
+    stagger: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -157,8 +157,12 @@ def validate_flow(flow_cfg: FlowConfig) -> None:
     if flow_cfg.time_sampler == "logit_normal":
         _greater_than_zero(flow_cfg.time_param, "flow.time_param",
                            " for time_sampler='logit_normal' (the std of the logit; 0 puts every t at 0.5)")
-    for name in ("condition_prob", "condition_prefix_prob", "token_time_prob"):
+    for name in ("condition_prob", "condition_prefix_prob", "token_time_prob", "stagger_prob"):
         _in_range(getattr(flow_cfg, name), f"flow.{name}", 0.0, 1.0)
+    if flow_cfg.token_time_prob + flow_cfg.stagger_prob > 1.0:
+        raise ConfigError(f"config.flow.token_time_prob + config.flow.stagger_prob must be <= 1 (shares of the "
+                          f"training sequences), got {flow_cfg.token_time_prob} + {flow_cfg.stagger_prob}")
+    _greater_than_zero(flow_cfg.stagger_width, "flow.stagger_width", " (w of the staggered training times)")
     _positive(flow_cfg.condition_span_len, "flow.condition_span_len")
 
 
@@ -175,6 +179,9 @@ def validate_sample(sample: SampleConfig) -> None:
                 "of sampling steps >= 1"
             )
     _greater_than_zero(sample.temperature, "sample.temperature", " (1 = the model's posterior mean)")
+    if not (isinstance(sample.stagger, (int, float)) and 0 <= sample.stagger < float("inf")):
+        raise ConfigError(f"config.sample.stagger must be a finite number >= 0 (0 = one time for every position), "
+                          f"got {sample.stagger!r}")
     if sample.schedule == "power":
         _greater_than_zero(sample.schedule_param, "sample.schedule_param", " for schedule='power' (t = u**p)")
 

@@ -68,6 +68,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def settings_line(report: dict) -> str:
     s = report["settings"]
     grid = s["schedule"] + (f" (power {s['schedule_param']})" if s["schedule"] == "power" else "")
+    if s.get("stagger"):
+        grid += f", staggered (w = {s['stagger']}: left positions first)"
     dtypes = sorted(set(report["sampling_dtype"].values()))
     return (
         f"N = {s['num_samples']} samples per cell, {report['length']} tokens each (cut at the first EOS), "

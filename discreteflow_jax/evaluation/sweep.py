@@ -49,6 +49,7 @@ class SweepSettings:
     schedule: str = "uniform"
     schedule_param: float = 2.0
     temperature: float = 1.0  # flow models: divides the logits inside the sampler
+    stagger: float = 0.0  # flow models: > 0 denoises left positions first (flow.staggered_times)
     teacher_temperature: float = 1.0  # autoregressive models: ancestral sampling temperature
     ngram: int = 4
     length: int = 0  # 0: the shortest sample length among the models
@@ -62,6 +63,8 @@ class SweepSettings:
             raise ValueError(f"--schedule must be one of {', '.join(TIME_GRIDS)}, got {self.schedule!r}")
         if self.temperature <= 0 or self.teacher_temperature <= 0:
             raise ValueError("temperatures must be > 0")
+        if not 0 <= self.stagger < float("inf"):
+            raise ValueError(f"--stagger must be a finite number >= 0, got {self.stagger}")
         if self.ngram < 1 or self.length < 0:
             raise ValueError("--ngram must be >= 1 and --length >= 0")
 
@@ -74,7 +77,7 @@ def draw_samples(model: Any, steps: int | None, settings: SweepSettings, length:
         steps = None
     else:
         kwargs = {"schedule": settings.schedule, "schedule_param": settings.schedule_param,
-                  "temperature": settings.temperature}
+                  "temperature": settings.temperature, "stagger": settings.stagger}
     rows = sample_batches(model, settings.num_samples, steps, settings.seed, batch_size=settings.batch_size, **kwargs)
     return rows[:, :length]
 

@@ -79,18 +79,19 @@ class TokenFlowModel:
         return nnx.merge(self.graphdef, self.params)
 
     # -- sampling ----------------------------------------------------------------------------
-    def _program(self, condition: str, known_noise: str) -> Callable:
-        if (condition, known_noise) not in self._programs:
+    def _program(self, condition: str, known_noise: str, stagger: float) -> Callable:
+        if (condition, known_noise, stagger) not in self._programs:
             graphdef, prior = self.graphdef, source_for(self.config, known_noise)
             gcfg = self._gumbel_config() if self.kind == "gumbel" else None
 
             def run(params, key, grid, known_tokens, known_mask, temperature):
                 model = nnx.merge(graphdef, params)
                 return conditional_sample(model, key, grid, known_tokens, known_mask, source=prior,
-                                          temperature=temperature, condition=condition, gumbel=gcfg)
+                                          temperature=temperature, condition=condition, gumbel=gcfg,
+                                          stagger=stagger)
 
-            self._programs[condition, known_noise] = jax.jit(run)
-        return self._programs[condition, known_noise]
+            self._programs[condition, known_noise, stagger] = jax.jit(run)
+        return self._programs[condition, known_noise, stagger]
 
     def sample_tokens(
         self,
@@ -109,11 +110,13 @@ class TokenFlowModel:
         condition: str = "clamp",
         known_noise: str = "posterior",
         length: int | None = None,
+        stagger: float | None = None,
     ) -> np.ndarray:
         """[n, length] sampled token ids (length defaults to the training context).
 
-        Defaults for steps, schedule and temperature come from the training config's ``sample``
-        section. Known positions come from ``prompt`` (a prefix), ``template`` (text with blanks)
+        Defaults for steps, schedule, temperature and stagger come from the training config's
+        ``sample`` section (``stagger`` > 0: left positions are denoised first, see
+        ``flow.staggered_times``). Known positions come from ``prompt`` (a prefix), ``template`` (text with blanks)
         or ``known_tokens`` + ``known_mask`` ([length], [1, length] or [n, length]); ``condition``
         is "clamp" or "path" (see ``discreteflow_jax.conditioning``); ``known_noise`` ("posterior" | "prior") is how a
         Gumbel model's noise at known positions is drawn (see ``conditioning.gumbel_prior``).
@@ -123,6 +126,7 @@ class TokenFlowModel:
         schedule = s.schedule if schedule is None else schedule
         schedule_param = s.schedule_param if schedule_param is None else schedule_param
         temperature = s.temperature if temperature is None else temperature
+        stagger = float(s.stagger if stagger is None else stagger)
         length = self.seq_len if length is None else length
         if n < 1:
             raise ValueError(f"n (the number of samples) must be >= 1, got {n}")
@@ -130,6 +134,8 @@ class TokenFlowModel:
             raise ValueError(f"length must be in [1, {self.config.model.max_len}] (the model's max_len), got {length}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 <= stagger < float("inf"):
+            raise ValueError(f"stagger must be a finite number >= 0 (0 = one time for every position), got {stagger}")
         if condition not in CONDITION_MODES:
             raise ValueError(f"condition must be one of {', '.join(CONDITION_MODES)}, got {condition!r}")
         if known_noise not in KNOWN_NOISE:
@@ -139,7 +145,7 @@ class TokenFlowModel:
                             known_tokens=known_tokens, known_mask=known_mask, blank_length=blank_length)
         if known is None:
             known = Known(np.zeros((n, length), np.int32), np.zeros((n, length), bool))
-        out = self._program(condition, known_noise)(
+        out = self._program(condition, known_noise, stagger)(
             self.params, jax.random.key(seed), grid, jnp.asarray(known.tokens), jnp.asarray(known.mask),
             jnp.asarray(temperature, jnp.float32),
         )

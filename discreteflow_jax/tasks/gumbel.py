@@ -193,7 +193,7 @@ def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
             samplers[steps] = gmb.make_sampler(
                 graphdef, gcfg, batch=cfg.sample.num_samples, seq_len=cfg.data.seq_len, steps=steps,
                 schedule=cfg.sample.schedule, schedule_param=cfg.sample.schedule_param,
-                temperature=cfg.sample.temperature,
+                temperature=cfg.sample.temperature, stagger=cfg.sample.stagger,
             )
         return samplers[steps](params, key)
 

@@ -58,7 +58,7 @@ def tokenflow_task(cfg: ExperimentConfig) -> Task:
         return flow.flow_loss(
             model, tokens, mask, key, time_sampler=fc.time_sampler, time_param=fc.time_param,
             num_buckets=fc.num_buckets, known_BT=known_positions(fc, tokens.shape, key),
-            token_time_prob=fc.token_time_prob,
+            token_time_prob=fc.token_time_prob, stagger_prob=fc.stagger_prob, stagger_width=fc.stagger_width,
         )
 
     def eval_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):
@@ -82,7 +82,8 @@ def tokenflow_task(cfg: ExperimentConfig) -> Task:
             def run(params, key):
                 model = nnx.merge(graphdef, params)
                 x0 = flow.gaussian_source(key, cfg.sample.num_samples, cfg.data.seq_len, model)
-                return flow.sample_flow(model, x0, grid, temperature=cfg.sample.temperature)[0]
+                return flow.sample_flow(model, x0, grid, temperature=cfg.sample.temperature,
+                                        stagger=cfg.sample.stagger)[0]
 
             sample_cache[steps] = jax.jit(run)
         return sample_cache[steps](params, key)
