@@ -39,8 +39,8 @@ flags.DEFINE_integer("batch_size", 64, "samples per sampler call", flag_values=F
 flags.DEFINE_enum("schedule", "uniform", list(TIME_GRIDS), "flow time grid", flag_values=FLAGS)
 flags.DEFINE_float("schedule_param", 2.0, "exponent of the power grid", flag_values=FLAGS)
 flags.DEFINE_float("temperature", 1.0, "flow sampler temperature", flag_values=FLAGS)
-flags.DEFINE_float("stagger", 0.0, "flow sampler: > 0 denoises left positions first (flow.staggered_times)",
-                   flag_values=FLAGS)
+flags.DEFINE_float("stagger", None, "flow sampler: > 0 denoises left positions first (flow.staggered_times); "
+                   "default: each model's sample.stagger", flag_values=FLAGS)
 flags.DEFINE_float("teacher_temperature", 1.0, "autoregressive sampling temperature", flag_values=FLAGS)
 flags.DEFINE_integer("ngram", 4, "n of the repeated-n-gram rate", flag_values=FLAGS)
 flags.DEFINE_integer("length", 0, "tokens per sample (0: the shortest model's)", flag_values=FLAGS)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,17 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # Tests never touch the network: Hub libraries must use local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# One XLA compilation cache for the whole run and the processes it starts (set before JAX is
+# imported). Many tests train or sample the same smoke models, so most programs compile once and
+# are then read back from disk: on 2 cores this halves the suite. A fresh folder per run keeps
+# the run independent of earlier ones.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="discreteflow-jax-test-xla-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def load_config(name: str, variant: str | None = "smoke"):

@@ -221,6 +221,8 @@ def test_smoke_sweep_writes_table_csv_and_plot(tmp_path, workdirs):
     assert cells == {("validation text", ""), ("flow", "1"), ("flow", "2"), ("gumbel", "1"), ("gumbel", "2"),
                      ("teacher", "")}
     assert {r["kind"] for r in rows} == {"data", "tokenflow", "gumbel", "teacher"}
+    # Flow cells record the stagger they were sampled with (here each model's config default).
+    assert {r["stagger"] for r in rows if r["kind"] in ("tokenflow", "gumbel")} == {"0.0"}
     for r in rows:
         assert float(r["gen_ppl"]) > 1 and 0 <= float(r["entropy"]) <= math.log(15) + 1e-6
         assert r["kind"] == "data" or math.isfinite(float(r["val_loss"]))
@@ -244,6 +246,8 @@ def test_sweep_rejects_bad_inputs_before_loading(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
     assert evaluate.run(["sweep", f"--models=a={tmp_path}", "--scorer=x", "--steps=0", f"--out={tmp_path}"]) == 2
     assert "--steps" in capsys.readouterr().err
+    assert evaluate.run(["sweep", f"--models=a={tmp_path}", "--scorer=x", "--stagger=-1", f"--out={tmp_path}"]) == 2
+    assert "--stagger" in capsys.readouterr().err
 
 
 def test_sample_cli_flow_and_teacher(tmp_path, workdirs, capsys):

@@ -52,7 +52,7 @@ def cached_cell(out_dir: str, key: str, identity: dict, fn: Any) -> dict:
     return cached(os.path.join(out_dir, "cells", f"{key}.json"), identity, compute)
 
 
-CSV_FIELDS = ("model", "kind", "causal", "K", "gen_ppl", "nll", "nll_se", "entropy", "entropy_std", "rep",
+CSV_FIELDS = ("model", "kind", "causal", "K", "stagger", "gen_ppl", "nll", "nll_se", "entropy", "entropy_std", "rep",
               "mean_length", "num_empty", "scored_tokens", "num_samples", "length", "val_loss", "sample_s",
               "dtype", "step", "path")
 
@@ -68,8 +68,11 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def settings_line(report: dict) -> str:
     s = report["settings"]
     grid = s["schedule"] + (f" (power {s['schedule_param']})" if s["schedule"] == "power" else "")
-    if s.get("stagger"):
-        grid += f", staggered (w = {s['stagger']}: left positions first)"
+    stagger = s.get("stagger", 0.0)
+    if stagger is None:
+        grid += ", stagger: each model's sample.stagger"
+    elif stagger:
+        grid += f", staggered (w = {stagger}: left positions first)"
     dtypes = sorted(set(report["sampling_dtype"].values()))
     return (
         f"N = {s['num_samples']} samples per cell, {report['length']} tokens each (cut at the first EOS), "

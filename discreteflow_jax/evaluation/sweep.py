@@ -49,7 +49,7 @@ class SweepSettings:
     schedule: str = "uniform"
     schedule_param: float = 2.0
     temperature: float = 1.0  # flow models: divides the logits inside the sampler
-    stagger: float = 0.0  # flow models: > 0 denoises left positions first (flow.staggered_times)
+    stagger: float | None = None  # flow models: > 0 denoises left positions first; None: each model's config
     teacher_temperature: float = 1.0  # autoregressive models: ancestral sampling temperature
     ngram: int = 4
     length: int = 0  # 0: the shortest sample length among the models
@@ -63,7 +63,7 @@ class SweepSettings:
             raise ValueError(f"--schedule must be one of {', '.join(TIME_GRIDS)}, got {self.schedule!r}")
         if self.temperature <= 0 or self.teacher_temperature <= 0:
             raise ValueError("temperatures must be > 0")
-        if not 0 <= self.stagger < float("inf"):
+        if self.stagger is not None and not 0 <= self.stagger < float("inf"):
             raise ValueError(f"--stagger must be a finite number >= 0, got {self.stagger}")
         if self.ngram < 1 or self.length < 0:
             raise ValueError("--ngram must be >= 1 and --length >= 0")
@@ -108,6 +108,8 @@ def evaluate_cell(model: Any, name: str, steps: int | None, scorer: Scorer, sett
         **sample_statistics(cut, settings.ngram),
         "sample_s": round(sample_s, 2),  # wall time including the sampler's compilation
     }
+    if not is_autoregressive(model):  # the stagger this cell was sampled with
+        row["stagger"] = float(model.config.sample.stagger if settings.stagger is None else settings.stagger)
     texts = [model.tokenizer.decode(ids) for ids in cut]
     return row, texts
 

@@ -114,7 +114,9 @@ def damage_reason(err: BaseException) -> str:
             parts.append(f"{type(e).__name__}: {text}")
         e = e.__cause__ or e.__context__
     reason = "; ".join(parts) or type(err).__name__
-    return reason if len(reason) <= 500 else reason[:500] + "…"
+    # Long storage errors name the file first and the cause last (e.g. "... checksum verification
+    # failed"): keep both ends.
+    return reason if len(reason) <= 500 else reason[:300] + " … " + reason[-200:]
 
 
 def damaged(mngr: ocp.CheckpointManager, step: int, reason: str) -> CheckpointDamagedError:
