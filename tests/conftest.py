@@ -28,6 +28,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The tests' programs are tiny, so compiling them costs more than running them: XLA's backend
+# optimizations off cut the suite's CPU time by about a third. Numerics are unchanged in kind (no
+# fast-math either way); set XLA_FLAGS yourself to test with the optimized backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 
 def load_config(name: str, variant: str | None = "smoke"):

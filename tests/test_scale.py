@@ -36,13 +36,18 @@ DATA_DIR = REPO.parent / "shared" / "data"
 LAYOUTS_8 = ("8x1x1", "2x4x1", "1x4x2")  # pure data parallel, 2 data × 4 FSDP, 4 FSDP × 2 tensor
 TOL = 1e-5
 HAS_GUMBEL = (REPO / "configs" / "shakespeare_gumbel.py").exists()
+TEST_SETTINGS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_")
 TASKS = ["tokenflow", pytest.param("gumbel", marks=pytest.mark.skipif(not HAS_GUMBEL, reason="no Gumbel config"))]
 
 
 # -- subprocess helpers ------------------------------------------------------------------------
 def _env(devices: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "SLURM_", "TPU_"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    # The workers start clean of the caller's JAX/cluster settings, except the test run's
+    # compilation cache and XLA flags (tests/conftest.py), so they compile as the caller does.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_", "XLA_", "SLURM_", "TPU_")) or k.startswith(TEST_SETTINGS)}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     return env
 
 
