@@ -19,6 +19,9 @@ VARIANTS = {
         "flow.time_sampler": "power", "flow.time_param": 2.0,
         # The recipe that reads context (docs/context_ablation.md); `:cpu,original` drops it.
         **CONTEXT_RECIPE,
+        # Samples at flow temperature 0.8: Gen-PPL at K = 128 falls 4,417 -> 1,857 with the
+        # unigram entropy at 3.52 nats (real text 3.61; temperature 1: 3.80), docs/context_ablation.md.
+        "sample.temperature": 0.8,
     },
     "smoke": {
         "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 16,

@@ -55,6 +55,11 @@ def test_cpu_variants_use_the_context_recipe_and_original_is_one_switch_away(nam
         load_config(name, "cpu,bogus")
 
 
+def test_cpu_baseline_samples_at_temperature_0_8_and_original_at_1():
+    assert load_config("shakespeare_baseline", "cpu").sample.temperature == 0.8
+    assert load_config("shakespeare_baseline", "cpu,original").sample.temperature == 1.0
+
+
 def test_teacher_has_no_flow_recipes():
     with pytest.raises(ValueError, match="valid variants"):
         load_config("shakespeare_teacher", "original")

@@ -113,11 +113,12 @@ CONTEXT_RECIPE: dict = {
     "model.flow_dim": 32,
 }
 # The original recipe (one uniform t per sequence, embedding width = model width, no
-# self-conditioning, no output modulation): `:original`, also after another variant (`:cpu,original`).
+# self-conditioning, no output modulation, sampling at temperature 1 with one t): `:original`, also
+# after another variant (`:cpu,original`).
 ORIGINAL_RECIPE: dict = {
     "flow.token_time_prob": 0.0, "flow.time_sampler": "uniform", "flow.time_param": 1.0,
     "model.flow_dim": 0, "model.output_modulation": False, "model.self_condition": False,
-    "model.time_warp_bins": 0,
+    "model.time_warp_bins": 0, "flow.stagger_prob": 0.0, "sample.stagger": 0.0, "sample.temperature": 1.0,
 }
 RECIPE_VARIANTS = {"context": CONTEXT_RECIPE, "original": ORIGINAL_RECIPE}
 
