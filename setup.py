@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
 
 TEST_REQUIRES = [
     "pytest>=8,<10",
+    "pytest-xdist>=3.5,<4",  # two test workers: most of a test's time is compiling, which is single-threaded
     "ruff>=0.6",
     # Only the tests compare against PyTorch reference models. Pin exactly: an
     # unpinned torch pulls a multi-GB CUDA build.

@@ -20,8 +20,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # One XLA compilation cache for the whole run and the processes it starts (set before JAX is
 # imported). Many tests train or sample the same smoke models, so most programs compile once and
-# are then read back from disk: on 2 cores this halves the suite. A fresh folder per run keeps
-# the run independent of earlier ones.
+# are then read back from disk (the xdist workers and subprocesses inherit the folder). A fresh
+# folder per run keeps the run independent of earlier ones.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="discreteflow-jax-test-xla-")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
@@ -29,7 +29,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # The tests' programs are tiny, so compiling them costs more than running them: XLA's backend
-# optimizations off cut the suite's CPU time by about a third. Numerics are unchanged in kind (no
+# optimizations off cut the CPU time of tests/test_flow.py by about a third. Numerics are unchanged in kind (no
 # fast-math either way); set XLA_FLAGS yourself to test with the optimized backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 

@@ -29,7 +29,8 @@ def recovered_at_most_informative_t(recipe: dict) -> tuple[float, dict]:
 def as_recipe(fields: dict) -> dict:
     """The model/flow fields of a preset recipe, in the study's dotted form (defaults dropped)."""
     defaults = {"flow.time_sampler": "uniform", "flow.time_param": 1.0}
-    return {k: v for k, v in fields.items() if v not in (0, 0.0, False) and defaults.get(k) != v}
+    return {k: v for k, v in fields.items()
+            if k.startswith(("model.", "flow.")) and v not in (0, 0.0, False) and defaults.get(k) != v}
 
 
 def test_context_recipe_recovers_a_quarter_of_the_bayes_context_gain():
