@@ -122,7 +122,7 @@ def training_times(
     if stagger_prob <= 0:
         return times
     progress = jax.random.uniform(jax.random.fold_in(key, 0x5A6), (b,))
-    staggered = jnp.minimum(jax.vmap(lambda s: staggered_times(s, t, stagger_width))(progress), MAX_MODEL_TIME)
+    staggered = jnp.minimum(staggered_times(progress[:, None], t, stagger_width), MAX_MODEL_TIME)
     use = (u >= token_time_prob) & (u < token_time_prob + stagger_prob)
     return jnp.where(use, staggered, times)
 
