@@ -346,6 +346,7 @@ def sample_gumbel_flow(
     """Tokens [B, T] from a Gumbel-conditioned TokenFlow in ``len(grid) − 1`` flow steps (any K ≥ 1)."""
     x0, context = gumbel_source(model, key, batch, seq_len, gumbel)
     noise = logit_noise(model, key, batch, seq_len, gumbel)
+    context = g_channel_context(model, noise, gumbel, context)
     return flow.sample_flow(
         model, x0, grid, context=context, temperature=temperature, logit_noise=noise, noise_tau=gumbel.logit_tau,
         stagger=stagger,
@@ -359,6 +360,16 @@ def logit_noise(model: TokenFlow, key: jax.Array, batch: int, seq_len: int, gumb
         return None
     g_key = jax.random.split(key)[0]  # the split gumbel_source makes
     return gumbel.sample_temperature * sample_prior(g_key, batch, seq_len, model.cfg.vocab_size)
+
+
+def g_channel_context(model: Any, noise: jax.Array | None, gumbel: GumbelConfig, context: jax.Array | None
+                      ) -> jax.Array | None:
+    """The G channel's input for sampling (a warm student with ``g_channel``): its features of the
+    prior G the logit channel adds (``noise`` = sample_temperature·G; the channel reads G itself, as
+    in training). Otherwise ``context`` unchanged."""
+    if noise is None or getattr(model.cfg, "g_channel", "none") == "none":
+        return context
+    return model.g_features(noise / gumbel.sample_temperature)
 
 
 def make_sampler(

@@ -95,6 +95,8 @@ def gumbel_distill_loss(
     if known_BT is not None:
         x_t = jnp.where(known_BT[..., None], x1, x_t)
         mask = mask * (1.0 - known_BT.astype(jnp.float32))
+    if getattr(model.cfg, "g_channel", "none") != "none":
+        context = model.g_features(g)  # the G channel: the network reads the noise of the pair
     h = model(x_t, t_B, context)  # network logits only: the config rejects singular_logits
     kl = jnp.sum(jnp.exp(logp) * (logp - jax.nn.log_softmax(h, axis=-1)), axis=-1)  # [B, T]
     loss = jnp.sum(kl * mask) / jnp.maximum(mask.sum(), 1.0)

@@ -14,6 +14,7 @@ from discreteflow_jax.config.schema import ConfigError
 # "none": Gaussian x0 and no context; the student sees G only through the logit channel.
 CONDITIONINGS = ("x0", "cross_attention", "none")
 SOURCES = ("data_posterior", "teacher_sample")
+G_CHANNELS = ("none", "softmax", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,10 @@ class GumbelConfig:
     # tokens are argmax(h + G) with the sampling G (docs/gumbel_channel.md, "Design").
     logit_channel: bool = False
     logit_tau: float = 0.0  # logit channel: x̂₁ = E[argmax(h + G)] at 0, else softmax((h + G)/logit_tau)·E
+    # What a warm-started logit-channel student's network reads of G (docs/warm_start.md).
+    g_channel: str = "none"  # "none" | "softmax" | "linear"
+    g_channel_rank: int = 64
+    g_channel_tau: float = 1.0
 
 
 def parse_gumbel_config(section: Mapping[str, Any] | None) -> GumbelConfig:
@@ -40,7 +45,7 @@ def parse_gumbel_config(section: Mapping[str, Any] | None) -> GumbelConfig:
             f"config.gumbel has unknown field(s) {unknown}; valid fields are: {', '.join(sorted(fields))}"
         )
     g = GumbelConfig(**section)
-    for name, valid in (("conditioning", CONDITIONINGS), ("source", SOURCES)):
+    for name, valid in (("conditioning", CONDITIONINGS), ("source", SOURCES), ("g_channel", G_CHANNELS)):
         if getattr(g, name) not in valid:
             raise ConfigError(
                 f"config.gumbel.{name}={getattr(g, name)!r} is not a valid choice; use one of: "
@@ -58,6 +63,13 @@ def parse_gumbel_config(section: Mapping[str, Any] | None) -> GumbelConfig:
             "config.gumbel.conditioning='none' hands G to the student through the logit channel only; "
             "set config.gumbel.logit_channel=True or use conditioning 'x0' or 'cross_attention'"
         )
+    if g.g_channel != "none" and not g.logit_channel:
+        raise ConfigError(f"config.gumbel.g_channel={g.g_channel!r} feeds G to a logit-channel student; set "
+                          "config.gumbel.logit_channel=True (and conditioning='none') or g_channel='none'")
+    if not isinstance(g.g_channel_rank, int) or isinstance(g.g_channel_rank, bool) or g.g_channel_rank < 1:
+        raise ConfigError(f"config.gumbel.g_channel_rank must be a positive integer, got {g.g_channel_rank!r}")
+    if not g.g_channel_tau > 0:
+        raise ConfigError(f"config.gumbel.g_channel_tau must be > 0, got {g.g_channel_tau}")
     if not isinstance(g.chunk_size, int) or isinstance(g.chunk_size, bool) or g.chunk_size < 0:
         raise ConfigError(f"config.gumbel.chunk_size must be an integer >= 0 (0 = automatic), got {g.chunk_size!r}")
     return g
@@ -81,7 +93,14 @@ def student_config(model: TokenFlowConfig, gumbel: GumbelConfig) -> TokenFlowCon
             f"config.model.context_dim={model.context_dim}: the Gumbel context softmax(G)·E has the student's "
             f"embedding width {model.flow_width}; set context_dim=0"
         )
-    return dataclasses.replace(model, cross_attention=wants, context_dim=0)
+    if gumbel.g_channel != "none" and not model.warm_start:
+        raise ConfigError(f"config.gumbel.g_channel={gumbel.g_channel!r} is read by warm-started students only; "
+                          "set config.model.warm_start=True (with config.teacher) or g_channel='none'")
+    if model.warm_start and wants:
+        raise ConfigError("config.model.warm_start=True: a warm student has no cross-attention layers; use "
+                          "config.gumbel.conditioning='none' (logit channel) or 'x0'")
+    return dataclasses.replace(model, cross_attention=wants, context_dim=0, g_channel=gumbel.g_channel,
+                               g_channel_rank=gumbel.g_channel_rank, g_channel_tau=gumbel.g_channel_tau)
 
 
 def check_logit_channel(model: TokenFlowConfig) -> None:

@@ -42,6 +42,14 @@ class TokenFlowConfig:
     output_modulation: bool = False  # time-dependent shift/scale of the final norm (DiT final layer)
     self_condition: bool = False  # input the previous estimate x̂₁ (training: half the sequences)
     time_warp_bins: int = 0  # > 0: learned time-warp parameters (flow.time_sampler="learned")
+    # Warm start (docs/warm_start.md): the network is the teacher's decoder, initialized with its
+    # weights; dim, layers, heads and FFN width then come from the teacher, not from these fields.
+    warm_start: bool = False
+    warm_attention: str = "causal"  # causal | gated (causal plus a zero-initialized gate on later positions)
+    # G channel (Gumbel students only; the gumbel section sets these): how the network reads the noise G.
+    g_channel: str = "none"  # none | softmax (softmax(G/τ)·W) | linear (standardized G through a rank-r map)
+    g_channel_rank: int = 64  # r of the linear channel
+    g_channel_tau: float = 1.0  # τ of the softmax channel
 
     @property
     def ffn_width(self) -> int:

@@ -53,6 +53,10 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     c.model.output_modulation = False  # time-dependent shift/scale of the final norm (DiT final layer)
     c.model.self_condition = False  # feed back the previous estimate x̂₁ (training: half the sequences)
     c.model.time_warp_bins = 0  # parameters of the learned time sampler; set automatically for "learned"
+    # Warm start (docs/warm_start.md): the network is the teacher's decoder with its weights (needs
+    # config.teacher); dim/layers/heads/FFN come from the teacher. Full logits: set loss_chunk=0.
+    c.model.warm_start = False
+    c.model.warm_attention = "causal"  # causal | gated (learns to read later positions from a zero gate)
 
     c.flow = ml_collections.ConfigDict()
     # uniform (original) | power (u**p, more small t) | logit_normal | learned (CDCD time warping)
@@ -99,11 +103,24 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     c.train.ckpt_every = 500  # checkpoint every N steps (and at the end)
     c.train.keep_checkpoints = 3  # keep the newest N checkpoints
 
+    # The autoregressive teacher: Gumbel students distill it; a warm-started student starts from it.
+    c.teacher = teacher_section()
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size; -1 = all remaining devices
     c.mesh.fsdp = 1  # parameter/optimizer-state sharding axis size
     c.mesh.tensor = 1  # tensor-parallel axis size
     return c
+
+
+def teacher_section() -> ml_collections.ConfigDict:
+    """The ``teacher`` section: which autoregressive model a student learns from (or starts from)."""
+    t = ml_collections.ConfigDict()
+    t.checkpoint = ""  # workdir of our teacher run (configs/shakespeare_teacher.py); or set hf
+    t.step = 0  # which checkpoint of teacher.checkpoint; 0 = its newest
+    t.hf = ""  # Hugging Face id (e.g. "gpt2") or local HF directory; or set checkpoint
+    t.dtype = "float32"  # teacher compute dtype in the step: float32 | bfloat16 (params stay fp32)
+    return t
 
 
 # The training recipe that reads context (docs/context_ablation.md): the default of every `:cpu`

@@ -120,8 +120,31 @@ def validate_tokenflow_model(model: TokenFlowConfig, data: DataConfig, task: str
         raise ConfigError(f"config.model.flow_dim must be a whole number >= 0 (0 = dim), got {model.flow_dim!r}")
     if model.time_warp_bins < 0:
         raise ConfigError(f"config.model.time_warp_bins must be >= 0, got {model.time_warp_bins}")
+    validate_warm_start(model, task)
     if model.singular_eps <= 0:
         raise ConfigError("config.model.singular_eps must be > 0 (it keeps the singular logits finite at t=1)")
+
+
+def validate_warm_start(model: TokenFlowConfig, task: str) -> None:
+    """A warm-started student (models/warmflow.py) and the options it does not combine with."""
+    if model.warm_attention not in ("causal", "gated"):
+        raise ConfigError(f"config.model.warm_attention={model.warm_attention!r} is not a valid choice; use one of: "
+                          "causal, gated")
+    if model.g_channel != "none" and (task != "gumbel" or not model.warm_start):
+        raise ConfigError("config.model.g_channel is set by config.gumbel.g_channel (warm-started Gumbel students); "
+                          "leave it 'none'")
+    if not model.warm_start:
+        return
+    refused = {
+        "self_condition": (model.self_condition, "False"),
+        "time_warp_bins": (model.time_warp_bins > 0, "0 (and a time sampler other than 'learned')"),
+        "loss_chunk": (model.loss_chunk > 0, "0 (a warm student forms its logits whole)"),
+        "output_modulation": (model.output_modulation, "False (time enters through the input only)"),
+    }
+    for name, (bad, fix) in refused.items():
+        if bad:
+            raise ConfigError(f"config.model.warm_start=True does not support config.model.{name}="
+                              f"{getattr(model, name)!r}; set it to {fix}")
 
 
 def validate_train(train: TrainConfig) -> None:

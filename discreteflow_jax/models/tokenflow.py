@@ -102,7 +102,32 @@ class FlowBlock(nnx.Module):
         return h + gate * self.mlp(self.mlp_norm(h))
 
 
-class TokenFlow(nnx.Module):
+class FlowSpace:
+    """The flow space every flow student shares: a table ``embedding`` [V, f] whose rows are
+    normalized to ``cfg.row_norm`` (E), and the lookup of clean tokens in it (x₁)."""
+
+    embedding: nnx.Param
+    cfg: TokenFlowConfig
+
+    def embeddings(self) -> jax.Array:
+        """The normalized embedding matrix E [V, d] (fp32); every row has norm embed_scale·sqrt(d)."""
+        return self.embedding[...].astype(jnp.float32) * self.embedding_row_scales()[:, None]
+
+    def embedding_row_scales(self) -> jax.Array:
+        """s [V] with E = diag(s)·embedding: the per-row factor of the normalization."""
+        raw = self.embedding[...].astype(jnp.float32)
+        return self.cfg.row_norm * jax.lax.rsqrt(jnp.sum(raw * raw, axis=-1) + 1e-12)
+
+    def embed(self, tokens_BT: jax.Array) -> jax.Array:
+        # Under FSDP, gather the table's embed dimension first: a lookup into the fsdp-sharded table
+        # would come out sharded over embed and need an all-to-all back to batch sharding.
+        # Rows of the raw table times their scales: the numbers of E[tokens], without forming E.
+        raw = constrain(self.embedding[...].astype(jnp.float32), ("vocab", None))
+        scales = jnp.take(self.embedding_row_scales(), tokens_BT, axis=0)[..., None]
+        return constrain(take_rows(raw, tokens_BT) * scales, ("batch", "length", "embed"))
+
+
+class TokenFlow(FlowSpace, nnx.Module):
     def __init__(self, cfg: TokenFlowConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, f = cfg.dim, cfg.flow_width
@@ -125,24 +150,6 @@ class TokenFlow(nnx.Module):
         warp = np.zeros((cfg.time_warp_bins + 1,), np.float32)
         warp[-1] = math.log(math.log(cfg.vocab_size)) / TIME_WARP_GAIN
         self.time_warp = nnx.Param(jnp.asarray(warp)) if cfg.time_warp_bins > 0 else None
-
-    # -- embeddings -------------------------------------------------------------------------
-    def embeddings(self) -> jax.Array:
-        """The normalized embedding matrix E [V, d] (fp32); every row has norm embed_scale·sqrt(d)."""
-        return self.embedding[...].astype(jnp.float32) * self.embedding_row_scales()[:, None]
-
-    def embedding_row_scales(self) -> jax.Array:
-        """s [V] with E = diag(s)·embedding: the per-row factor of the normalization."""
-        raw = self.embedding[...].astype(jnp.float32)
-        return self.cfg.row_norm * jax.lax.rsqrt(jnp.sum(raw * raw, axis=-1) + 1e-12)
-
-    def embed(self, tokens_BT: jax.Array) -> jax.Array:
-        # Under FSDP, gather the table's embed dimension first: a lookup into the fsdp-sharded table
-        # would come out sharded over embed and need an all-to-all back to batch sharding.
-        # Rows of the raw table times their scales: the numbers of E[tokens], without forming E.
-        raw = constrain(self.embedding[...].astype(jnp.float32), ("vocab", None))
-        scales = jnp.take(self.embedding_row_scales(), tokens_BT, axis=0)[..., None]
-        return constrain(take_rows(raw, tokens_BT) * scales, ("batch", "length", "embed"))
 
     # -- network ----------------------------------------------------------------------------
     def hidden(

@@ -28,6 +28,7 @@ class Task:
     sample_fn(graphdef, params, aux, key, steps) returns decoded token arrays; summarize(sums)
     turns summed metrics into the numbers to log. identity: what the task resolved beyond the
     config that a resumed run must match (e.g. the teacher checkpoint's step), stored in checkpoints.
+    init_params: see the field.
     """
 
     name: str
@@ -39,6 +40,9 @@ class Task:
     aux: Any = None
     aux_shardings: Any = None
     identity: dict = dataclasses.field(default_factory=dict)
+    # init_params(params) -> params: the pure parameter dict training starts from, given the random
+    # one (a warm-started student takes its teacher's weights here, on the host). None: keep it.
+    init_params: Callable[[dict], dict] | None = None
 
 
 def bucket_edges(num_buckets: int) -> list[str]:

@@ -17,7 +17,6 @@ reported before anything compiles.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -28,18 +27,21 @@ import numpy as np
 from flax import nnx
 
 from discreteflow_jax import gumbel as gmb
-from discreteflow_jax.config import ConfigError, ExperimentConfig, TokenFlowConfig, parse_gumbel_config, student_config
+from discreteflow_jax.config import ExperimentConfig, parse_gumbel_config, student_config
+from discreteflow_jax.config.presets import teacher_section
 from discreteflow_jax.gumbel_distill import gumbel_distill_loss
-from discreteflow_jax.io.teacher import TeacherBundle, load_teacher
 from discreteflow_jax.models import sharding as shd
-from discreteflow_jax.models.gpt2 import GPT2
-from discreteflow_jax.models.llama import Llama
 from discreteflow_jax.models.tokenflow import TokenFlow
 from discreteflow_jax.tasks.base import Task, bucket_edges, known_positions, stratified_times, summarize_flow
+from discreteflow_jax.tasks.students import (  # noqa: F401  (check_teacher, TEACHER_KINDS: re-exported)
+    TEACHER_KINDS,
+    check_teacher,
+    load_teacher_bundle,
+    student_factory,
+    teacher_graphdef,
+)
 
 log = logging.getLogger("discreteflow_jax")
-
-TEACHER_KINDS = ("llama", "gpt2")
 
 
 def add_gumbel_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -65,63 +67,14 @@ def add_gumbel_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     # and model.loss_chunk=0; `:cpu,logit_channel` sets them.
     c.gumbel.logit_channel = False
     c.gumbel.logit_tau = 0.0  # sampling: x̂₁ = E[argmax(h + G)] at 0, else softmax((h + G)/logit_tau)·E
+    # G channel (warm-started logit-channel students): the network also reads G at each position, so
+    # one call can couple positions. none | softmax (softmax(G/τ)·W) | linear (G through a rank-r map).
+    c.gumbel.g_channel = "none"
+    c.gumbel.g_channel_rank = 64  # r of the linear channel
+    c.gumbel.g_channel_tau = 1.0  # τ of the softmax channel
 
-    c.teacher = ml_collections.ConfigDict()
-    c.teacher.checkpoint = ""  # workdir of our teacher run (configs/shakespeare_teacher.py); or set hf
-    c.teacher.step = 0  # which checkpoint of teacher.checkpoint; 0 = its newest
-    c.teacher.hf = ""  # Hugging Face id (e.g. "gpt2") or local HF directory; or set checkpoint
-    c.teacher.dtype = "float32"  # teacher compute dtype in the step: float32 | bfloat16 (params stay fp32)
+    c.teacher = teacher_section()
     return c
-
-
-def load_teacher_bundle(cfg: ExperimentConfig) -> TeacherBundle:
-    """The teacher named by ``config.teacher``."""
-    return load_teacher(dict(cfg.extra.get("teacher") or {}), data_dir=cfg.data.data_dir or None)
-
-
-def check_teacher(teacher: Any, student: TokenFlowConfig, seq_len: int, tokenizer: str | None = None) -> None:
-    """Raises ConfigError when the teacher cannot drive this student (``tokenizer``: the one of
-    the student's data, compared with the teacher's when the teacher records it)."""
-    source = getattr(teacher, "source", "the teacher")
-    if teacher.kind not in TEACHER_KINDS:
-        raise ConfigError(
-            f"{source} is a {teacher.kind!r} model; Gumbel reflow needs one of: {', '.join(TEACHER_KINDS)}"
-        )
-    teacher_tokenizer = getattr(teacher, "tokenizer", None)
-    if tokenizer and teacher_tokenizer and teacher_tokenizer != tokenizer:
-        # Same ids would mean different text: the teacher's distribution would describe other tokens.
-        raise ConfigError(
-            f"the teacher ({source}) was trained on {teacher_tokenizer}-tokenized text (vocabulary "
-            f"{teacher.vocab_size}) but the student reads {tokenizer} tokens (config.data.tokenizer={tokenizer!r}, "
-            f"config.model.vocab_size={student.vocab_size}); set --config.data.tokenizer={teacher_tokenizer} "
-            "and its vocabulary size, or use a teacher trained on the student's tokenizer"
-        )
-    if teacher.vocab_size != student.vocab_size:
-        # G has one coordinate per teacher token and softmax(G)·E uses the student's embedding rows.
-        raise ConfigError(
-            f"the teacher ({source}) has a vocabulary of {teacher.vocab_size} tokens but the student has "
-            f"config.model.vocab_size={student.vocab_size}; the student must use the teacher's tokenizer "
-            f"(config.data.tokenizer) and vocabulary"
-        )
-    if teacher.max_len < seq_len:
-        raise ConfigError(
-            f"the teacher ({source}) handles at most {teacher.max_len} tokens but config.data.seq_len={seq_len}; "
-            f"shorten --config.data.seq_len to <= {teacher.max_len}"
-        )
-    if teacher.bos_id is None or not 0 <= teacher.bos_id < teacher.vocab_size:
-        raise ConfigError(f"the teacher ({source}) has no valid BOS token id (got {teacher.bos_id!r})")
-
-
-def teacher_graphdef(teacher: Any, dtype: str | None) -> Any:
-    """The teacher's graph, with its compute dtype replaced when ``dtype`` differs (parameters
-    stay fp32; e.g. a bf16 teacher forward from an fp32 checkpoint)."""
-    if not dtype or dtype == teacher.config.dtype:
-        return teacher.graphdef
-    if dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"config.teacher.dtype={dtype!r} is not a valid choice; use float32 or bfloat16")
-    config = dataclasses.replace(teacher.config, dtype=dtype)
-    cls = GPT2 if teacher.kind == "gpt2" else Llama
-    return nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))[0]
 
 
 def summarize_gumbel(sums: dict, prefix: str, num_buckets: int) -> dict[str, float]:
@@ -158,8 +111,7 @@ def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
     aux, aux_shardings = shd.shard_params(teacher.params, mesh)
     fc = cfg.flow
 
-    def create_model(rngs: nnx.Rngs) -> TokenFlow:
-        return TokenFlow(student, rngs=rngs)
+    factory = student_factory(student, teacher)
 
     def frozen_teacher(aux: Any) -> nnx.Module:
         return nnx.merge(t_graphdef, jax.lax.stop_gradient(aux))
@@ -199,7 +151,8 @@ def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
 
     return Task(
         name="gumbel",
-        create_model=create_model,
+        create_model=factory.create_model,
+        init_params=factory.init_params,
         loss_fn=loss_fn,
         eval_fn=eval_fn,
         summarize=lambda sums, prefix: summarize_gumbel(sums, prefix, fc.num_buckets),

@@ -14,6 +14,7 @@ from discreteflow_jax import flow
 from discreteflow_jax.config import ExperimentConfig
 from discreteflow_jax.models.tokenflow import TokenFlow
 from discreteflow_jax.tasks.base import Task, known_positions, stratified_times, summarize_flow
+from discreteflow_jax.tasks.students import check_teacher, load_teacher_bundle, student_factory
 
 
 def context_gain_sums(
@@ -47,11 +48,15 @@ def context_gain_sums(
     return {"context_gain_sum": gain_sum, "context_tokens": tokens}
 
 
-def tokenflow_task(cfg: ExperimentConfig) -> Task:
+def tokenflow_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
+    """TokenFlow task. A warm-started student (``model.warm_start``) loads the teacher named by
+    ``config.teacher`` (or takes ``teacher``, a ``TeacherBundle``: tests, benchmarks)."""
     fc = cfg.flow
-
-    def create_model(rngs: nnx.Rngs) -> TokenFlow:
-        return TokenFlow(cfg.model, rngs=rngs)
+    if cfg.model.warm_start and teacher is None:
+        teacher = load_teacher_bundle(cfg)
+    if teacher is not None:
+        check_teacher(teacher, cfg.model, cfg.data.seq_len, cfg.data.tokenizer)
+    factory = student_factory(cfg.model, teacher if cfg.model.warm_start else None)
 
     def loss_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):
         mask = jnp.ones(tokens.shape, jnp.float32)
@@ -90,7 +95,8 @@ def tokenflow_task(cfg: ExperimentConfig) -> Task:
 
     return Task(
         name="tokenflow",
-        create_model=create_model,
+        create_model=factory.create_model,
+        init_params=factory.init_params,
         loss_fn=loss_fn,
         eval_fn=eval_fn,
         summarize=lambda sums, prefix: summarize_flow(sums, prefix, fc.num_buckets),

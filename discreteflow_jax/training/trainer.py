@@ -104,7 +104,13 @@ class Trainer:
             params = nnx.to_pure_dict(nnx.state(model))
             return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
-        return jax.jit(init, out_shardings=self.state_shardings)()
+        state = jax.jit(init, out_shardings=self.state_shardings)()
+        if self.task.init_params is None:
+            return state
+        # The new parameters are placed with the same shardings; the optimizer state starts at
+        # zero moments whatever the parameters are, so it stays as initialized.
+        params = self.task.init_params(jax.device_get(state.params))
+        return state.replace(params=jax.device_put(params, self.state_shardings.params))
 
     def restore_or_init(self) -> TrainState:
         """The state of the newest checkpoint that loads (or of ``resume_step``), else a new one.
