@@ -4,7 +4,7 @@ Variants: `:cpu` trains in minutes on a 2-core CPU with visible learning (it sam
 spend more of the small batch at small t); `:smoke` runs in seconds (tests).
 """
 
-from discreteflow_jax.config.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
+from discreteflow_jax.config.presets import CONTEXT_RECIPE, WARM_RECIPE, apply_variant, tokenflow_defaults
 
 VARIANTS = {
     "cpu": {
@@ -23,6 +23,10 @@ VARIANTS = {
         # unigram entropy at 3.52 nats (real text 3.61; temperature 1: 3.80), docs/context_ablation.md.
         "sample.temperature": 0.8,
     },
+    # Warm start from the teacher of the same variant (docs/warm_start.md): `:cpu,warm` with
+    # --config.teacher.checkpoint=TEACHER_DIR (made by configs/shakespeare_teacher.py:cpu). The network
+    # is the teacher's decoder; a smaller learning rate keeps what it knows.
+    "warm": WARM_RECIPE,
     "smoke": {
         "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 16,
         "data.seq_len": 16, "train.batch_size": 8, "train.grad_accum": 2, "train.num_steps": 6,

@@ -11,7 +11,7 @@ tests) distills the `:smoke` teacher. `:cpu,logit_channel` trains the logit-chan
 (docs/gumbel_channel.md) instead.
 """
 
-from discreteflow_jax.config.presets import CONTEXT_RECIPE, apply_variant, tokenflow_defaults
+from discreteflow_jax.config.presets import CONTEXT_RECIPE, WARM_RECIPE, apply_variant, tokenflow_defaults
 from discreteflow_jax.tasks.gumbel import add_gumbel_sections
 
 VARIANTS = {
@@ -33,6 +33,11 @@ VARIANTS = {
         "gumbel.logit_channel": True, "gumbel.conditioning": "none", "model.singular_logits": False,
         "model.loss_chunk": 0,
     },
+    # Warm start from the teacher (docs/warm_start.md), after `logit_channel`: `:cpu,logit_channel,warm`;
+    # `g_softmax` / `g_linear` add a G channel the network reads (`:cpu,logit_channel,warm,g_linear`).
+    "warm": WARM_RECIPE,
+    "g_softmax": {"gumbel.g_channel": "softmax"},
+    "g_linear": {"gumbel.g_channel": "linear"},
     "smoke": {
         "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 16,
         "data.seq_len": 16, "train.batch_size": 8, "train.grad_accum": 2, "train.num_steps": 4,

@@ -129,6 +129,13 @@ CONTEXT_RECIPE: dict = {
     "flow.token_time_prob": 0.5,
     "model.flow_dim": 32,
 }
+# Warm start from the teacher (docs/warm_start.md): `:cpu,warm`, `:smoke,warm`, and for Gumbel
+# students `:cpu,logit_channel,warm`. Needs --config.teacher.checkpoint (or .hf). Samples at
+# temperature 1: the recipe is judged without a tuned temperature.
+WARM_RECIPE: dict = {
+    "model.warm_start": True, "model.loss_chunk": 0, "model.self_condition": False,
+    "model.output_modulation": False, "sample.temperature": 1.0, "train.lr": 3e-4,
+}
 # The original recipe (one uniform t per sequence, embedding width = model width, no
 # self-conditioning, no output modulation, sampling at temperature 1 with one t): `:original`, also
 # after another variant (`:cpu,original`).
