@@ -15,7 +15,7 @@ VARIANTS = {
         # by a few hundredths of a nat between evaluations, so fewer windows would hide the trend.
         "train.ckpt_every": 250, "train.eval_batches": 16,
         # A 15-minute budget: spend more of each batch at small t (t = u**2), where the network has
-        # to learn; with uniform t ~70% of the batch has near-zero loss (SPEC §4).
+        # to learn; with uniform t ~70% of the batch has near-zero loss (docs/math.md#singular-logits).
         "flow.time_sampler": "power", "flow.time_param": 2.0,
         # The recipe that reads context (docs/context_ablation.md); `:cpu,original` drops it.
         **CONTEXT_RECIPE,

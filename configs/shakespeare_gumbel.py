@@ -49,8 +49,8 @@ VARIANTS = {
 
 def get_config(arg=None):
     c = add_gumbel_sections(tokenflow_defaults())  # task, gumbel and teacher sections, untied output
-    c.gumbel.conditioning = "cross_attention"  # SPEC §10 (the original's Shakespeare Gumbel setting)
-    c.train.num_steps = 5000  # SPEC §1, experiment 2.2
-    c.train.warmup_steps = 500  # SPEC §10
+    c.gumbel.conditioning = "cross_attention"  # the original's Shakespeare Gumbel setting (docs/experiments.md)
+    c.train.num_steps = 5000  # experiment 2.2 (docs/experiments.md)
+    c.train.warmup_steps = 500  # linear warm-up, then cosine decay
     c.teacher.checkpoint = ""  # required: --config.teacher.checkpoint=TEACHER_DIR (see above)
     return apply_variant(c, arg, VARIANTS)

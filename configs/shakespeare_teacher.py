@@ -34,7 +34,7 @@ def get_config(arg=None):
     c.model.num_layers = 8  # decoder blocks
     c.model.num_heads = 8  # attention heads
     c.model.num_kv_heads = 0  # 0 = plain multi-head attention; fewer = grouped-query attention
-    c.model.ffn_hidden = 2048  # SwiGLU width (SPEC §10)
+    c.model.ffn_hidden = 2048  # SwiGLU width (docs/experiments.md)
     c.model.max_len = 128  # longest sequence (>= data.seq_len)
     c.model.rope_theta = 10000.0  # RoPE base
     c.model.norm_eps = 1e-5  # RMSNorm epsilon
@@ -43,7 +43,7 @@ def get_config(arg=None):
     c.model.init_std = 0.02  # std of embeddings/projections (outputs scaled by 1/sqrt(2·layers))
     c.model.bos_id = 1  # LLaMA BOS, prepended to every window
     c.model.eos_id = 2  # LLaMA EOS
-    c.train.batch_size = 128  # SPEC §10
+    c.train.batch_size = 128  # sequences per step (docs/experiments.md)
     c.train.grad_accum = 1
     c.train.num_steps = 5000
     c.train.lr = 3e-4

@@ -1,5 +1,5 @@
-"""The flow process over token embeddings: noise path, time samplers, the flow loss (SPEC §4)
-and the K-step sampler (SPEC §5). Pure functions of arrays, PRNG keys and a TokenFlow module.
+"""The flow process over token embeddings: noise path, time samplers, the flow loss and the K-step
+sampler (derived in docs/math.md). Pure functions of arrays, PRNG keys and a TokenFlow module.
 
 t = 0 is noise and t = 1 is data; x_t = t·x1 + (1−t)·x0 with x1 = E[tokens], x0 ~ N(0, σ²I).
 The model predicts the clean token (x1-prediction), so the velocity is (p·E − x_t)/(1−t).

@@ -1,7 +1,8 @@
-"""Gumbel reflow (SPEC §6): the Gumbel prior, the exact posterior of the Gumbel noise given the
+"""Gumbel reflow: the Gumbel prior, the exact posterior of the Gumbel noise given the
 token a teacher emitted, its chunked reduction to what the student sees (softmax(G/τ)·E), and the
 loss and sampler of a Gumbel-conditioned TokenFlow. Pure functions of arrays, keys and modules.
-The derivation, the alignment convention and the memory layout are in docs/gumbel.md.
+The derivation is in docs/math.md#gumbel-posterior; the alignment convention and the memory
+layout are in docs/gumbel.md.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
     python -m discreteflow_jax.plot_metrics --workdir=DIR [--out=FILE.png] [--reference=6.30]
 
-The mean flow loss hides where the network learns (SPEC §4): one line per t-bucket shows it.
+The mean flow loss hides where the network learns (docs/math.md#reading-the-loss): one line per
+t-bucket shows it.
 ``--reference`` draws a horizontal line, e.g. the unigram entropy of the training tokens. When
 the run logged the context gain (TokenFlow baselines do), a second panel shows it per t-bucket:
 how much the network's predictions use the surrounding text.

@@ -113,7 +113,7 @@ def counting_sequences(vocab: int, length: int) -> np.ndarray:
 def test_oracle_infilling_recovers_the_only_consistent_sequence():
     # Clamping: each known token is fully visible from the first step on. (Holding known tokens on
     # their noise path gives them only the evidence of noisy positions; with this exact model it
-    # recovers 78% of such rows, clamping 100%: see the README section "Python API".)
+    # recovers 78% of such rows, clamping 100%: see docs/conditional.md.)
     vocab, length = 11, 8
     seqs = counting_sequences(vocab, length)
     oracle = OracleFlow(seqs, vocab, dim=16)

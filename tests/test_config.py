@@ -52,7 +52,7 @@ def _sizes(name: str) -> tuple:
 
 
 def test_full_configs_have_the_seed_experiment_sizes():
-    # (vocab, context, dim, layers, heads, steps, batch, micro-batches, warm-up): SPEC §1 and §10.
+    # (vocab, context, dim, layers, heads, steps, batch, micro-batches, warm-up): docs/experiments.md.
     assert _sizes("shakespeare_baseline") == (32000, 128, 512, 8, 8, 10000, 128, 2, 1000)
     assert _sizes("shakespeare_gumbel") == (32000, 128, 512, 8, 8, 5000, 128, 2, 500)
     assert _sizes("fineweb_baseline") == (50257, 1024, 768, 12, 12, 30000, 256, 4, 2000)

@@ -86,7 +86,7 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     c.sample.stagger = 0.0  # > 0: left positions are denoised first (flow.staggered_times); 0 = one t
 
     c.train = ml_collections.ConfigDict()
-    # SPEC §10 "batch 64 × 2 accumulation": 2 micro-batches of 64, i.e. 128 sequences per step.
+    # The full-size setting (docs/experiments.md): 2 micro-batches of 64, i.e. 128 sequences per step.
     c.train.batch_size = 128  # global batch (sequences per optimizer step)
     c.train.grad_accum = 2  # micro-batches per step, accumulated inside the jitted step
     c.train.num_steps = 10000  # optimizer steps

@@ -1,5 +1,5 @@
 """Synthetic sequence tasks whose exact Bayes denoisers are known, to measure how much of the
-available context a TokenFlow reads (SPEC §4.1).
+available context a TokenFlow reads (docs/context_ablation.md).
 
 Every task is a Markov chain over V tokens with a uniform start and the transition
 ``P(v | u) = p·[v = π(u)] + (1 − p)/V``:

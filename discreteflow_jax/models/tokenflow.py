@@ -1,7 +1,7 @@
 """TokenFlow: a transformer that reads noisy token embeddings x_t and time t and predicts the
-clean token at every position (SPEC §3). Normalized embedding rows, singular logits fused into
-the output matmul, adaLN time conditioning; the design choices and the optional context levers
-are described in docs/models.md.
+clean token at every position. Normalized embedding rows, singular logits fused into the output
+matmul (docs/math.md#singular-logits), adaLN time conditioning; the design choices and the optional
+context levers are described in docs/models.md.
 """
 
 from __future__ import annotations

@@ -46,9 +46,9 @@ log = logging.getLogger("discreteflow_jax")
 
 def add_gumbel_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Turns a TokenFlow config (``presets.tokenflow_defaults()``) into a Gumbel reflow config:
-    task, the ``gumbel`` and ``teacher`` sections (every field commented), untied output (SPEC §10)."""
+    task, the ``gumbel`` and ``teacher`` sections (every field commented), untied output (docs/experiments.md)."""
     c.task = "gumbel"
-    c.model.tie_embeddings = False  # SPEC §10: the Gumbel students use an untied output projection
+    c.model.tie_embeddings = False  # the Gumbel students use an untied output projection (docs/experiments.md)
 
     c.gumbel = ml_collections.ConfigDict()
     # How the student sees G: "cross_attention" (Gaussian x0, softmax(G)·E as a position-aligned
