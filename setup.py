@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "pyarrow>=18",
     "tensorboardX>=2.6,<3",
     "matplotlib>=3.8,<4",
+    # MAUVE in `evaluate sweep` (features come from our scorer; faiss-cpu and scikit-learn for clustering).
+    "mauve-text>=0.4,<0.5",
 ]
 
 TEST_REQUIRES = [

@@ -44,6 +44,11 @@ flags.DEFINE_float("stagger", None, "flow sampler: > 0 denoises left positions f
 flags.DEFINE_float("teacher_temperature", 1.0, "autoregressive sampling temperature", flag_values=FLAGS)
 flags.DEFINE_integer("ngram", 4, "n of the repeated-n-gram rate", flag_values=FLAGS)
 flags.DEFINE_integer("length", 0, "tokens per sample (0: the shortest model's)", flag_values=FLAGS)
+flags.DEFINE_bool("mauve", True, "MAUVE of every row against held-out validation text (scorer features)",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("match_entropy", True, "Gen-PPL at the temperature that matches the validation text's entropy "
+                  "(a temperature search per row)", flag_values=FLAGS)
+flags.DEFINE_integer("match_evals", 4, "extra sampling runs per row for that search", flag_values=FLAGS)
 flags.DEFINE_integer("scorer_batch_size", 32, "sequences per scorer call", flag_values=FLAGS)
 flags.DEFINE_string("data_dir", None, "offline data folder (tokenizers, validation text)", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "output folder for sweep.md/.csv/.json/.png and samples/", flag_values=FLAGS)
@@ -69,7 +74,8 @@ def main(argv: list[str]) -> int:
             steps=_ints("steps", FLAGS.steps), num_samples=FLAGS.num_samples, seed=FLAGS.seed,
             batch_size=FLAGS.batch_size, schedule=FLAGS.schedule, schedule_param=FLAGS.schedule_param,
             temperature=FLAGS.temperature, stagger=FLAGS.stagger, teacher_temperature=FLAGS.teacher_temperature,
-            ngram=FLAGS.ngram, length=FLAGS.length,
+            ngram=FLAGS.ngram, length=FLAGS.length, mauve=FLAGS.mauve, match_entropy=FLAGS.match_entropy,
+            match_evals=FLAGS.match_evals,
         )
         models = parse_models(FLAGS.models)
         report = run_sweep(models, FLAGS.scorer, settings, FLAGS.out, FLAGS.data_dir, FLAGS.scorer_tokenizer,

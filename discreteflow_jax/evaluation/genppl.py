@@ -71,6 +71,15 @@ class Scorer:
 
         self._row_nll = jax.jit(row_nll)
 
+        def last_features(params, inputs_BT, last_B):
+            module = nnx.merge(graphdef, params)
+            h = module.hidden(inputs_BT)
+            h_last = jnp.take_along_axis(h, last_B[:, None, None], axis=1)[:, 0]
+            norm = module.ln_f if hasattr(module, "ln_f") else module.final_norm
+            return norm(h_last).astype(jnp.float32)
+
+        self._last_features = jax.jit(last_features)
+
     def __repr__(self) -> str:
         return f"Scorer({self.name!r}, tokenizer={self.tokenizer.name}, max_len={self.max_len})"
 
@@ -160,6 +169,24 @@ class Scorer:
                     nll[j] += out[r]
                     counts[j] += len(ids)
         return nll, counts
+
+    def features(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """[N, D] fp32 text features (MAUVE's): the final-normed hidden state at each sequence's last
+        token, reading [BOS] + the first max_len − 1 scorer token ids."""
+        width = self.max_len
+        b = self.batch_size
+        out = []
+        with jax.default_matmul_precision("float32"):
+            for start in range(0, len(sequences), b):
+                chunk = [list(map(int, s))[: width - 1] for s in sequences[start : start + b]]
+                inputs = np.zeros((b, width), np.int32)
+                last = np.zeros((b,), np.int32)
+                for r, ids in enumerate(chunk):
+                    inputs[r, 0] = self.bos_id
+                    inputs[r, 1 : 1 + len(ids)] = ids
+                    last[r] = len(ids)
+                out.append(np.asarray(self._last_features(self.params, inputs, last))[: len(chunk)])
+        return np.concatenate(out, axis=0) if out else np.zeros((0, 0), np.float32)
 
     def score(self, samples: Sequence[Sequence[int]], tokenizer: Tokenizer) -> dict[str, Any]:
         """Gen-PPL of sampler token ids (any tokenizer): cut at EOS, re-tokenized if needed, scored."""

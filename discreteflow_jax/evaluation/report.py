@@ -54,7 +54,7 @@ def cached_cell(out_dir: str, key: str, identity: dict, fn: Any) -> dict:
 
 CSV_FIELDS = ("model", "kind", "causal", "K", "stagger", "gen_ppl", "nll", "nll_se", "entropy", "entropy_std", "rep",
               "mean_length", "num_empty", "scored_tokens", "num_samples", "length", "val_loss", "sample_s",
-              "dtype", "step", "path")
+              "dtype", "step", "path", "mauve", "matched_gen_ppl", "matched_temperature", "matched_target_entropy")
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -94,8 +94,14 @@ def markdown_tables(report: dict) -> str:
     by = {(r["model"], int(r["K"])): r for r in flows}
     lines = [settings_line(report), ""]
     if flows:
-        for title, key, digits in (("Gen-PPL ↓", "gen_ppl", 1), ("Unigram entropy (nats)", "entropy", 2),
-                                   (f"Repeated {ngram}-grams", rep, 3)):
+        tables = [("Gen-PPL ↓", "gen_ppl", 1), ("Unigram entropy (nats)", "entropy", 2),
+                  (f"Repeated {ngram}-grams", rep, 3)]
+        if any("mauve" in r for r in flows):
+            tables.append(("MAUVE against held-out text ↑ (scorer features; comparable within this table)", "mauve", 3))
+        if any("matched_gen_ppl" in r for r in flows):
+            tables += [("Gen-PPL at the validation text's entropy ↓ (temperature searched; – = not bracketed)",
+                        "matched_gen_ppl", 1), ("…at temperature", "matched_temperature", 2)]
+        for title, key, digits in tables:
             lines += [f"**{title}**", "", "| K | " + " | ".join(names) + " |",
                       "|---:|" + "---:|" * len(names)]
             for k in steps:
@@ -103,11 +109,14 @@ def markdown_tables(report: dict) -> str:
                 lines.append(f"| {k} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += ["**Reference points** (sampled once, scored the same way)", "",
-              f"| reference | Gen-PPL | entropy | {rep} |", "|---|---:|---:|---:|"]
+              f"| reference | Gen-PPL | entropy | {rep} | MAUVE | matched Gen-PPL (temperature) |",
+              "|---|---:|---:|---:|---:|---:|"]
     for r in refs:
         what = "autoregressive teacher samples" if r["kind"] == "teacher" else "real validation windows"
+        matched = (f"{_fmt(r.get('matched_gen_ppl'), 1)} ({_fmt(r.get('matched_temperature'))})"
+                   if "matched_gen_ppl" in r else "–")
         lines.append(f"| {r['model']} ({what}) | {_fmt(r['gen_ppl'], 1)} | {_fmt(r['entropy'])} | "
-                     f"{_fmt(r[rep], 3)} |")
+                     f"{_fmt(r[rep], 3)} | {_fmt(r.get('mauve'), 3)} | {matched} |")
     val = report.get("val_losses", {})
     if val:
         lines += ["", "**Validation loss** (each model's own objective: flow cross-entropy for flow models, the "

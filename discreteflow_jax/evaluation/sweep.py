@@ -27,6 +27,7 @@ import numpy as np
 from discreteflow_jax.data.tokenizers import Tokenizer
 from discreteflow_jax.evaluation.genppl import Scorer
 from discreteflow_jax.evaluation.metrics import sample_statistics, truncate_at_eos, validation_loss
+from discreteflow_jax.evaluation.quality import mauve_score, search_temperature
 from discreteflow_jax.evaluation.report import cached, cached_cell, cell_key, write_report
 from discreteflow_jax.flow import TIME_GRIDS
 from discreteflow_jax.inference.batches import sample_batches
@@ -53,6 +54,9 @@ class SweepSettings:
     teacher_temperature: float = 1.0  # autoregressive models: ancestral sampling temperature
     ngram: int = 4
     length: int = 0  # 0: the shortest sample length among the models
+    mauve: bool = True  # MAUVE of each cell against the validation text (scorer features)
+    match_entropy: bool = True  # Gen-PPL at the temperature matching the validation text's entropy
+    match_evals: int = 4  # at most this many extra sampling runs per cell for that search
 
     def validate(self) -> None:
         if not self.steps or min(self.steps) < 1:
@@ -69,15 +73,18 @@ class SweepSettings:
             raise ValueError("--ngram must be >= 1 and --length >= 0")
 
 
-def draw_samples(model: Any, steps: int | None, settings: SweepSettings, length: int) -> np.ndarray:
+def draw_samples(model: Any, steps: int | None, settings: SweepSettings, length: int,
+                 temperature: float | None = None) -> np.ndarray:
     """[num_samples, length] token ids, in batches of ``settings.batch_size`` with per-batch seeds
     (``inference.batches.sample_batches``: ``python -m discreteflow_jax.sample`` draws the same rows)."""
     if is_autoregressive(model):
-        kwargs: dict[str, Any] = {"temperature": settings.teacher_temperature, "length": model.sample_length}
+        tau = settings.teacher_temperature if temperature is None else temperature
+        kwargs: dict[str, Any] = {"temperature": tau, "length": model.sample_length}
         steps = None
     else:
         kwargs = {"schedule": settings.schedule, "schedule_param": settings.schedule_param,
-                  "temperature": settings.temperature, "stagger": settings.stagger}
+                  "temperature": settings.temperature if temperature is None else temperature,
+                  "stagger": settings.stagger}
     rows = sample_batches(model, settings.num_samples, steps, settings.seed, batch_size=settings.batch_size, **kwargs)
     return rows[:, :length]
 
@@ -92,8 +99,37 @@ def model_description(name: str, model: Any) -> dict[str, Any]:
     return desc
 
 
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """What every cell is compared with: the validation text's entropy and scorer features."""
+
+    entropy: float
+    features: np.ndarray | None  # None: no MAUVE
+
+
+def quality_columns(model: Any, steps: int | None, tokens: np.ndarray, plain: dict[str, Any], scorer: Scorer,
+                    settings: SweepSettings, length: int, reference: Reference | None) -> dict[str, Any]:
+    """MAUVE of the cell's samples and its matched-entropy Gen-PPL (``evaluation.quality``)."""
+    out: dict[str, Any] = {}
+    if reference is None:
+        return out
+    if settings.mauve and reference.features is not None:
+        feats = scorer.features(scorer.prepare(tokens, model.tokenizer))
+        out["mauve"] = round(mauve_score(feats, reference.features, seed=settings.seed + 25), 4)
+    if settings.match_entropy:
+        def at(tau: float) -> tuple[float, float]:
+            rows = draw_samples(model, steps, settings, length, temperature=tau)
+            cut = [truncate_at_eos(r, model.tokenizer.eos_id) for r in rows]
+            return sample_statistics(cut, settings.ngram)["entropy"], scorer.score(rows, model.tokenizer)["gen_ppl"]
+
+        tau0 = settings.teacher_temperature if is_autoregressive(model) else settings.temperature
+        first = (tau0, plain["entropy"], plain["gen_ppl"])
+        out.update(search_temperature(at, reference.entropy, first=first, max_evals=settings.match_evals))
+    return out
+
+
 def evaluate_cell(model: Any, name: str, steps: int | None, scorer: Scorer, settings: SweepSettings,
-                  length: int) -> tuple[dict[str, Any], list[str]]:
+                  length: int, reference: Reference | None = None) -> tuple[dict[str, Any], list[str]]:
     """Samples one (model, K) cell and computes its metrics; returns (row, sample texts)."""
     start = time.perf_counter()
     tokens = draw_samples(model, steps, settings, length)
@@ -110,20 +146,41 @@ def evaluate_cell(model: Any, name: str, steps: int | None, scorer: Scorer, sett
     }
     if not is_autoregressive(model):  # the stagger this cell was sampled with
         row["stagger"] = float(model.config.sample.stagger if settings.stagger is None else settings.stagger)
+    row.update(quality_columns(model, steps, tokens, row, scorer, settings, length, reference))
     texts = [model.tokenizer.decode(ids) for ids in cut]
     return row, texts
 
 
+def validation_windows(dataset: Any, settings: SweepSettings, length: int, held_out: bool = False) -> np.ndarray:
+    """num_samples real validation windows cut to ``length``, evenly spread. ``held_out``: windows
+    that share no token with those (each starts half-way between two of them): MAUVE's real text,
+    so that the reference row's MAUVE compares two disjoint sets of real text."""
+    if not held_out:
+        return np.asarray(dataset.val_batches(settings.num_samples, 1)[0])[:, :length]
+    if hasattr(dataset, "val_offsets") and hasattr(dataset, "val_tokens"):
+        offsets = np.asarray(dataset.val_offsets(settings.num_samples, 1)[0])
+        gap = int(np.min(np.diff(offsets))) if len(offsets) > 1 else 0
+        if gap >= 2 * length:
+            starts = offsets + gap // 2
+            return np.asarray(dataset.val_tokens)[starts[:, None] + np.arange(length)]
+    # Other datasets: a second batch of windows (they can overlap the first where the split is short).
+    return np.asarray(dataset.val_batches(settings.num_samples, 2)[1])[:, :length]
+
+
 def reference_row(dataset: Any, tokenizer: Tokenizer, scorer: Scorer, settings: SweepSettings,
-                  length: int) -> tuple[dict[str, Any], list[str]]:
-    """The same metrics on real validation windows (evenly spread, num_samples of them)."""
-    windows = np.asarray(dataset.val_batches(settings.num_samples, 1)[0])[:, :length]
+                  length: int, reference: Reference | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The same metrics on real validation windows (evenly spread, num_samples of them); with a
+    ``reference`` (MAUVE features of other held-out windows) its MAUVE is real text against real text."""
+    windows = validation_windows(dataset, settings, length)
     cut = [truncate_at_eos(row, tokenizer.eos_id) for row in windows]
     row = {
         "model": "validation text", "kind": "data", "path": "", "step": "", "K": "",
         "num_samples": len(cut), "length": length,
         **scorer.score(windows, tokenizer), **sample_statistics(cut, settings.ngram), "sample_s": 0.0,
     }
+    if reference is not None and reference.features is not None and settings.mauve:
+        feats = scorer.features(scorer.prepare(windows, tokenizer))
+        row["mauve"] = round(mauve_score(feats, reference.features, seed=settings.seed + 25), 4)
     return row, [tokenizer.decode(ids) for ids in cut]
 
 
@@ -177,8 +234,13 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
     dataset = _dataset_for(first, data_dir)
     ref_identity = {"settings": dataclasses.asdict(settings) | {"steps": None}, "scorer": scorer.name,
                     "length": length, "data": first.config.raw.get("data")}
-    rows.append(cached_cell(out_dir, "validation_text", ref_identity,
-                            lambda: reference_row(dataset, first.tokenizer, scorer, settings, length)))
+    held_out = validation_windows(dataset, settings, length, held_out=True)  # MAUVE's real text
+    features = scorer.features(scorer.prepare(held_out, first.tokenizer)) if settings.mauve else None
+    reference = Reference(entropy=math.nan, features=features)
+    ref_row = cached_cell(out_dir, "validation_text", ref_identity,
+                          lambda: reference_row(dataset, first.tokenizer, scorer, settings, length, reference))
+    rows.append(ref_row)
+    reference = Reference(entropy=float(ref_row["entropy"]), features=features)
     for name, model in loaded.items():
         desc = model_description(name, model)
         identity = _cell_identity(desc, settings, scorer, length)
@@ -190,11 +252,13 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
         for k in ks:
             log.info("evaluating %s at K=%s", name, k if k is not None else "(autoregressive)")
             cell = cached_cell(out_dir, cell_key(name, k), identity | {"K": k},
-                               lambda m=model, n=name, k=k: evaluate_cell(m, n, k, scorer, settings, length))
+                               lambda m=model, n=name, k=k: evaluate_cell(m, n, k, scorer, settings, length,
+                                                                          reference))
             cell["val_loss"] = val_losses[name].get("loss", math.nan)
             rows.append(cell)
-            log.info("%s K=%s: Gen-PPL %.2f entropy %.3f rep%d %.3f", name, cell["K"] or "-", cell["gen_ppl"],
-                     cell["entropy"], settings.ngram, cell[f"rep{settings.ngram}"])
+            log.info("%s K=%s: Gen-PPL %.2f entropy %.3f rep%d %.3f MAUVE %s matched Gen-PPL %s", name,
+                     cell["K"] or "-", cell["gen_ppl"], cell["entropy"], settings.ngram, cell[f"rep{settings.ngram}"],
+                     cell.get("mauve", "-"), cell.get("matched_gen_ppl", "-"))
 
     report = {
         "settings": dataclasses.asdict(settings), "length": length, "scorer": scorer.name,
