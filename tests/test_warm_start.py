@@ -71,7 +71,7 @@ def _teacher_logits(teacher: TeacherBundle, tokens: jax.Array) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-@pytest.mark.parametrize("extra", [{}, {"warm_attention": "gated"}, {"g_channel": "softmax"},
+@pytest.mark.parametrize("extra", [{}, {"warm_attention": "gated"}, {"g_channel": "softmax"}, {"warm_input_topk": 4},
                                    {"g_channel": "linear", "g_channel_rank": 4}])
 def test_untrained_student_at_t1_is_its_teacher(kind: str, extra: dict) -> None:
     teacher = _bundle(_llama() if kind == "llama" else _gpt2())
@@ -124,6 +124,18 @@ def test_gated_attention_reads_later_positions_causal_does_not() -> None:
         early = np.abs(a[:, : T - 2] - b[:, : T - 2]).max()
         assert (early > 1e-4) == expect_change, attention
         assert np.abs(a[:, T - 2:] - b[:, T - 2:]).max() > 1e-4
+
+
+def test_top_k_input_equals_the_full_posterior_when_k_is_the_vocabulary() -> None:
+    teacher = _bundle(_llama())
+    full, top_all, top_few = (_warm_student(teacher, warm_input_topk=k) for k in (0, V, 3))
+    tokens = _tokens()
+    x = 0.6 * full.embed(tokens) + 0.2 * jax.random.normal(jax.random.key(2), full.embed(tokens).shape)
+    t = jnp.full((tokens.shape[0],), 0.6)
+    want = np.asarray(full.teacher_inputs(x, t))
+    np.testing.assert_allclose(np.asarray(top_all.teacher_inputs(x, t)), want, atol=1e-5)
+    # Three tokens: a truncated posterior, different from the full one at this noise level.
+    assert np.abs(np.asarray(top_few.teacher_inputs(x, t)) - want).max() > 1e-3
 
 
 def test_flow_space_from_teacher_keeps_neighbours() -> None:

@@ -57,6 +57,7 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     # config.teacher); dim/layers/heads/FFN come from the teacher. Full logits: set loss_chunk=0.
     c.model.warm_start = False
     c.model.warm_attention = "causal"  # causal | gated (learns to read later positions from a zero gate)
+    c.model.warm_input_topk = 0  # > 0: the input posterior over the k likeliest tokens only (cheaper); 0: all
 
     c.flow = ml_collections.ConfigDict()
     # uniform (original) | power (u**p, more small t) | logit_normal | learned (CDCD time warping)
@@ -135,6 +136,9 @@ CONTEXT_RECIPE: dict = {
 WARM_RECIPE: dict = {
     "model.warm_start": True, "model.loss_chunk": 0, "model.self_condition": False,
     "model.output_modulation": False, "sample.temperature": 1.0, "train.lr": 3e-4,
+    # The input posterior over its 64 likeliest tokens: exact at t = 1, and the V-wide input matmul
+    # (as large as the output layer's) becomes a gather.
+    "model.warm_input_topk": 64,
 }
 # The original recipe (one uniform t per sequence, embedding width = model width, no
 # self-conditioning, no output modulation, sampling at temperature 1 with one t): `:original`, also

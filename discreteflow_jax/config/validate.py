@@ -133,6 +133,10 @@ def validate_warm_start(model: TokenFlowConfig, task: str) -> None:
     if model.g_channel != "none" and (task != "gumbel" or not model.warm_start):
         raise ConfigError("config.model.g_channel is set by config.gumbel.g_channel (warm-started Gumbel students); "
                           "leave it 'none'")
+    _whole(model.warm_input_topk, "model.warm_input_topk", 0, " (0 = the whole vocabulary)")
+    if model.warm_input_topk > model.vocab_size:
+        raise ConfigError(f"config.model.warm_input_topk={model.warm_input_topk} exceeds the vocabulary "
+                          f"({model.vocab_size}); use 0 for all tokens")
     if not model.warm_start:
         return
     refused = {

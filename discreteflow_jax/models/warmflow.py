@@ -110,9 +110,14 @@ class WarmFlow(FlowSpace, nnx.Module):
         """u [B, T, D]: the input posterior's expectation of the teacher's token embedding (fp32)."""
         cfg = self.cfg
         coeff = per_position(singular_coefficient(t_B, cfg.sigma, cfg.singular_eps))
-        scores = coeff * jnp.einsum("btf,vf->btv", x_t.astype(jnp.float32), self.embeddings())
-        weights = jax.nn.softmax(scores + self.prior_bias[...], axis=-1)
-        return jnp.einsum("btv,vd->btd", weights, token_embedding_table(self.backbone).astype(jnp.float32))
+        scores = coeff * jnp.einsum("btf,vf->btv", x_t.astype(jnp.float32), self.embeddings()) + self.prior_bias[...]
+        table = token_embedding_table(self.backbone).astype(jnp.float32)
+        if cfg.warm_input_topk <= 0:
+            return jnp.einsum("btv,vd->btd", jax.nn.softmax(scores, axis=-1), table)
+        # Only the k most likely tokens (renormalized): a [B, T, k] gather instead of a V-wide matmul.
+        # Exact wherever the posterior's mass sits on k tokens, as at t = 1 (one token).
+        top, idx = jax.lax.top_k(scores, cfg.warm_input_topk)
+        return jnp.einsum("btk,btkd->btd", jax.nn.softmax(top, axis=-1), jnp.take(table, idx, axis=0))
 
     def backbone_input(self, x_t: jax.Array, t_B: jax.Array, g_context: jax.Array | None) -> jax.Array:
         """[BOS, u_0, ..., u_{T−2}] + time features (+ G channel) + GPT-2 positions, [B, T, D]."""
