@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from flax import nnx
+
 from discreteflow_jax.inference.flow_model import TokenFlowModel, model_config
 from discreteflow_jax.inference.load import load, tokenizer_folder
 from discreteflow_jax.inference.teacher_model import TeacherModel
 from discreteflow_jax.io import export_format as fmt
+from discreteflow_jax.models.gpt2 import GPT2
+from discreteflow_jax.models.warmflow import backbone_description
 
 
 def export_model(model: TokenFlowModel | TeacherModel, out_dir: str, data_dir: str | None = None) -> str:
@@ -23,7 +27,12 @@ def export_model(model: TokenFlowModel | TeacherModel, out_dir: str, data_dir: s
         meta = fmt.export_meta("llama", dataclasses.asdict(module.config), cfg, model.step, model.tokenizer, files)
         top_tokenizer = os.path.join(out_dir, files[0]) if files and cfg.data.tokenizer == "llama" else None
         return fmt.write_llama_export(out_dir, module, meta, top_tokenizer)
-    meta = fmt.export_meta(model.kind, dataclasses.asdict(model_config(cfg)), cfg, model.step, model.tokenizer, files)
+    architecture = dataclasses.asdict(model_config(cfg))
+    if cfg.model.warm_start:  # the backbone's own config, so that loading needs no teacher
+        module = nnx.merge(model.graphdef, model.params)
+        kind = "gpt2" if isinstance(module.backbone, GPT2) else "llama"
+        architecture["warm_backbone"] = backbone_description(kind, module.backbone.config, module.bos_id)
+    meta = fmt.export_meta(model.kind, architecture, cfg, model.step, model.tokenizer, files)
     return fmt.write_flat_export(out_dir, model.params, meta)
 
 

@@ -26,6 +26,7 @@ from discreteflow_jax.io import restore
 from discreteflow_jax.io.hf import load_hf_checkpoint
 from discreteflow_jax.models.llama import Llama
 from discreteflow_jax.models.tokenflow import TokenFlow
+from discreteflow_jax.models.warmflow import build_warmflow
 
 
 class LoadError(ValueError):
@@ -84,8 +85,22 @@ def abstract_tokenflow(cfg: ExperimentConfig) -> tuple[Any, Any]:
     return graphdef, nnx.to_pure_dict(state)
 
 
-def _abstract_model(cfg: ExperimentConfig) -> tuple[Any, Any]:
-    """(graphdef, abstract params) of the model a training config trains: a TokenFlow or a teacher."""
+def abstract_warmflow(cfg: ExperimentConfig, backbone: dict | None) -> tuple[Any, Any]:
+    """(graphdef, abstract pure-dict params) of a warm-started student, whose backbone the
+    checkpoint (its task identity) or export (its architecture) records."""
+    if not backbone:
+        raise LoadError("this warm-started student's checkpoint does not record its backbone (warm_backbone); "
+                        "it was saved by an incompatible version")
+    abstract = nnx.eval_shape(lambda: build_warmflow(model_config(cfg), backbone, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def _abstract_model(cfg: ExperimentConfig, meta: dict | None = None) -> tuple[Any, Any]:
+    """(graphdef, abstract params) of the model a training config trains: a TokenFlow, a warm
+    student (its backbone from the checkpoint's ``meta``) or a teacher."""
+    if cfg.task != "teacher" and cfg.model.warm_start:
+        return abstract_warmflow(cfg, ((meta or {}).get("task_identity") or {}).get("warm_backbone"))
     if cfg.task != "teacher":
         return abstract_tokenflow(cfg)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(0))))
@@ -99,10 +114,10 @@ def _load_workdir(workdir: str, data_dir: str | None, step: int | None) -> Token
     with restore.reader(workdir) as mngr:
         if not restore.steps(mngr):
             raise LoadError(f"{restore.checkpoints_dir(workdir)} holds no finished checkpoint yet")
-        restored = restore.load_params(mngr, lambda meta: _abstract_model(config_from_raw(meta["config"]))[1],
+        restored = restore.load_params(mngr, lambda meta: _abstract_model(config_from_raw(meta["config"]), meta)[1],
                                        step=step, how="step={} (--step={} on the command line)")
     cfg = config_from_raw(restored.meta["config"])
-    graphdef, _ = _abstract_model(cfg)
+    graphdef, _ = _abstract_model(cfg, restored.meta)
     tokenizer = _tokenizer_for(cfg, data_dir, workdir)
     if cfg.task == "teacher":
         return TeacherModel(cfg, nnx.merge(graphdef, restored.params), tokenizer, workdir, restored.step)
@@ -117,7 +132,10 @@ def load_export(path: str, data_dir: str | None = None) -> TokenFlowModel | Teac
     if meta["kind"] == "llama":
         module, _ = load_hf_checkpoint(path, dtype=cfg.model.dtype)
         return TeacherModel(cfg, module, tokenizer, path, meta.get("step"))
-    graphdef, abstract_params = abstract_tokenflow(cfg)
+    if cfg.model.warm_start:
+        graphdef, abstract_params = abstract_warmflow(cfg, meta.get("architecture", {}).get("warm_backbone"))
+    else:
+        graphdef, abstract_params = abstract_tokenflow(cfg)
     params = fmt.unflatten_params(fmt.read_flat_params(path), abstract_params,
                                   os.path.join(path, fmt.WEIGHTS_FILE))
     return TokenFlowModel(cfg, graphdef, params, tokenizer, path, meta.get("step"))

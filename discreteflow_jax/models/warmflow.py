@@ -25,6 +25,7 @@ random initialization (``tasks.warm``), outside any jitted program.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -34,10 +35,10 @@ import numpy as np
 from flax import nnx
 
 from discreteflow_jax.config.model import TokenFlowConfig
-from discreteflow_jax.models.gpt2 import GPT2
+from discreteflow_jax.models.gpt2 import GPT2, GPT2Config
 from discreteflow_jax.models.layers import Attention, apply_rope, dot_product_attention, linear, truncated_normal_init
 from discreteflow_jax.models.linear_ce import cross_entropy
-from discreteflow_jax.models.llama import Llama
+from discreteflow_jax.models.llama import Llama, LlamaConfig
 from discreteflow_jax.models.tokenflow import FlowSpace, per_position, singular_coefficient, timestep_features
 
 WARM_ATTENTIONS = ("causal", "gated")
@@ -219,3 +220,20 @@ def warm_params(params: dict, teacher_params: dict, *, flow_init: str = "teacher
         table = teacher_params["wte" if "wte" in teacher_params else "embed"]["embedding"]
         out["embedding"] = flow_space_from_teacher(np.asarray(table), np.asarray(params["embedding"]).shape[1])
     return out
+
+
+def backbone_description(kind: str, config: Any, bos_id: int) -> dict:
+    """What a checkpoint records about a warm student's backbone so that it can be rebuilt without
+    the teacher: its family, its config fields and the BOS id it reads first."""
+    return {"kind": kind, "config": dataclasses.asdict(config), "bos_id": int(bos_id)}
+
+
+def build_warmflow(model_cfg: TokenFlowConfig, description: dict, rngs: nnx.Rngs) -> WarmFlow:
+    """A WarmFlow (random weights) on the backbone a ``backbone_description`` names; the backbone
+    computes in the student's dtype."""
+    kind = description["kind"]
+    if kind not in ("llama", "gpt2"):
+        raise ValueError(f"unknown warm-start backbone {kind!r}; expected llama or gpt2")
+    fields = dict(description["config"], dtype=model_cfg.dtype)
+    backbone = GPT2(GPT2Config(**fields), rngs=rngs) if kind == "gpt2" else Llama(LlamaConfig(**fields), rngs=rngs)
+    return WarmFlow(model_cfg, backbone, bos_id=int(description["bos_id"]), rngs=rngs)

@@ -160,6 +160,7 @@ def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
         aux=aux,
         aux_shardings=aux_shardings,
         # A teacher workdir that trained on since this student started is a different teacher.
-        identity={"teacher.step": teacher.step} if getattr(teacher, "step", None) is not None else {},
+        identity=dict(factory.identity, **({"teacher.step": teacher.step}
+                                            if getattr(teacher, "step", None) is not None else {})),
     )
 

@@ -17,7 +17,7 @@ from discreteflow_jax.io.teacher import TeacherBundle, load_teacher
 from discreteflow_jax.models.gpt2 import GPT2
 from discreteflow_jax.models.llama import Llama
 from discreteflow_jax.models.tokenflow import TokenFlow
-from discreteflow_jax.models.warmflow import WarmFlow, warm_params
+from discreteflow_jax.models.warmflow import WarmFlow, backbone_description, build_warmflow, warm_params
 
 log = logging.getLogger("discreteflow_jax")
 
@@ -82,6 +82,7 @@ class StudentFactory:
 
     create_model: Callable[[nnx.Rngs], nnx.Module]
     init_params: Callable[[dict], dict] | None = None
+    identity: dict = dataclasses.field(default_factory=dict)  # recorded in checkpoints (Task.identity)
 
 
 def backbone_class(teacher: Any) -> type:
@@ -101,15 +102,17 @@ def student_factory(model_cfg: TokenFlowConfig, teacher: TeacherBundle | None) -
     if teacher.vocab_size != model_cfg.vocab_size:
         raise ConfigError(f"config.model.warm_start=True: the teacher ({teacher.source}) has {teacher.vocab_size} "
                           f"tokens but config.model.vocab_size={model_cfg.vocab_size}; use the teacher's tokenizer")
-    backbone_cfg = dataclasses.replace(teacher.config, dtype=model_cfg.dtype)
+    backbone_cfg = teacher.config
     shape = (backbone_cfg.dim, backbone_cfg.num_layers, backbone_cfg.num_heads)
     if shape != (model_cfg.dim, model_cfg.num_layers, model_cfg.num_heads):
         log.info("warm start: the student takes the teacher's shape (dim %d, %d layers, %d heads), not the "
                  "config's (dim %d, %d layers, %d heads)", *shape, model_cfg.dim, model_cfg.num_layers,
                  model_cfg.num_heads)
-    cls, bos = backbone_class(teacher), int(teacher.bos_id)
+    description = backbone_description(teacher.kind, dataclasses.replace(backbone_cfg, dtype="float32"),
+                                       int(teacher.bos_id))
 
     def create_model(rngs: nnx.Rngs) -> WarmFlow:
-        return WarmFlow(model_cfg, cls(backbone_cfg, rngs=rngs), bos_id=bos, rngs=rngs)
+        return build_warmflow(model_cfg, description, rngs)
 
-    return StudentFactory(create_model, lambda params: warm_params(params, teacher.params))
+    return StudentFactory(create_model, lambda params: warm_params(params, teacher.params),
+                          identity={"warm_backbone": description})

@@ -97,6 +97,7 @@ def tokenflow_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
         name="tokenflow",
         create_model=factory.create_model,
         init_params=factory.init_params,
+        identity=factory.identity,
         loss_fn=loss_fn,
         eval_fn=eval_fn,
         summarize=lambda sums, prefix: summarize_flow(sums, prefix, fc.num_buckets),
