@@ -21,8 +21,23 @@ from discreteflow_jax.models.tokenflow import TokenFlow, per_position
 
 def teacher_log_probs(teacher: Any, tokens_BT: jax.Array, bos_id: int) -> jax.Array:
     """ℓ [B, T, V] fp32 with ℓ[:, i] = log p_teacher(· | [BOS] + x_<i), no gradient."""
+    return teacher_pass(teacher, tokens_BT, bos_id)[0]
+
+
+def teacher_pass(teacher: Any, tokens_BT: jax.Array, bos_id: int) -> tuple[jax.Array, jax.Array]:
+    """(ℓ [B, T, V], the teacher's last residual stream [B, T, D]) on [BOS] + x[:−1], no gradient."""
     fns = teacher_fns(teacher)
-    return jax.lax.stop_gradient(gmb.log_probs(fns.head(fns.hidden(teacher_inputs(tokens_BT, bos_id)))))
+    hidden = jax.lax.stop_gradient(fns.hidden(teacher_inputs(tokens_BT, bos_id)))
+    return jax.lax.stop_gradient(gmb.log_probs(fns.head(hidden))), hidden
+
+
+def alignment_loss(student_hidden: jax.Array, teacher_hidden: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    """Masked mean of 1 − cos(student, teacher) between last residual streams (representation
+    alignment to the frozen teacher, docs/warm_start.md)."""
+    s = student_hidden.astype(jnp.float32)
+    t = teacher_hidden.astype(jnp.float32)
+    cos = jnp.sum(s * t, -1) * jax.lax.rsqrt(jnp.sum(s * s, -1) * jnp.sum(t * t, -1) + 1e-12)
+    return jnp.sum((1.0 - cos) * mask_BT) / jnp.maximum(mask_BT.sum(), 1.0)
 
 
 def distill_pairs(
@@ -34,8 +49,9 @@ def distill_pairs(
     *,
     bos_id: int,
     source: str,
-) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array, jax.Array]:
-    """(tokens, x0 or None, context or None, ℓ [B, T, V], G [B, T, V]) of one batch: G is the noise
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array, jax.Array, jax.Array]:
+    """(tokens, x0 or None, context or None, ℓ [B, T, V], G [B, T, V], the teacher's last residual
+    stream [B, T, D]) of one batch: G is the noise
     whose Gumbel-max under ℓ gives the tokens (the exact posterior for data, the prior draws for
     teacher samples), from the same draws the context (if any) is built from."""
     b, t = tokens_BT.shape
@@ -49,12 +65,12 @@ def distill_pairs(
     else:
         tokens_BT, ctx, _ = gmb.gumbel_pairs(model, teacher, tokens_BT, key, gumbel, bos_id=bos_id, source=source)
         x0, context = gmb.student_inputs(model, ctx, gumbel)
-    logp = teacher_log_probs(teacher, tokens_BT, bos_id)
+    logp, teacher_hidden = teacher_pass(teacher, tokens_BT, bos_id)
     if source == "teacher_sample":
         g = gmb.sample_prior(key, b, t, v)
     else:
         g = gmb.posterior_from_draws(logp, tokens_BT, *gmb.chunk_draws(key, jnp.arange(t), b, v))
-    return tokens_BT, x0, context, logp, g
+    return tokens_BT, x0, context, logp, g, teacher_hidden
 
 
 def gumbel_distill_loss(
@@ -81,7 +97,7 @@ def gumbel_distill_loss(
     t would emit the teacher's token for the same G) and its t-buckets ``bucket_agree_sum``."""
     noise_key, flow_key = jax.random.split(key)
     t_key, x0_key = jax.random.split(flow_key)
-    tokens, x0, context, logp, g = distill_pairs(
+    tokens, x0, context, logp, g, teacher_hidden = distill_pairs(
         model, teacher, tokens_BT, noise_key, gumbel, bos_id=bos_id, source=source or gumbel.source
     )
     warp = model.time_warp[...] if model.time_warp is not None else None
@@ -97,9 +113,16 @@ def gumbel_distill_loss(
         mask = mask * (1.0 - known_BT.astype(jnp.float32))
     if getattr(model.cfg, "g_channel", "none") != "none":
         context = model.g_features(g)  # the G channel: the network reads the noise of the pair
-    h = model(x_t, t_B, context)  # network logits only: the config rejects singular_logits
+    align = getattr(model.cfg, "warm_align", 0.0)
+    if align > 0:  # a warm student: its last residual stream is aligned with the teacher's
+        student_hidden = model.hidden(x_t, t_B, context)
+        h = model.backbone._logits(student_hidden)
+    else:
+        h = model(x_t, t_B, context)  # network logits only: the config rejects singular_logits
     kl = jnp.sum(jnp.exp(logp) * (logp - jax.nn.log_softmax(h, axis=-1)), axis=-1)  # [B, T]
     loss = jnp.sum(kl * mask) / jnp.maximum(mask.sum(), 1.0)
+    if align > 0:
+        loss = loss + align * alignment_loss(student_hidden, teacher_hidden, mask)
     if warp is not None:
         loss = loss + flow.warp_fit_loss(model.time_warp[...], per_position(t_B)[..., 0], kl, mask)
     metrics = flow.flow_metrics(jax.lax.stop_gradient(kl), mask, t_B, num_buckets)

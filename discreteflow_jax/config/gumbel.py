@@ -96,6 +96,9 @@ def student_config(model: TokenFlowConfig, gumbel: GumbelConfig) -> TokenFlowCon
     if gumbel.g_channel != "none" and not model.warm_start:
         raise ConfigError(f"config.gumbel.g_channel={gumbel.g_channel!r} is read by warm-started students only; "
                           "set config.model.warm_start=True (with config.teacher) or g_channel='none'")
+    if model.warm_align > 0 and not gumbel.logit_channel:
+        raise ConfigError("config.model.warm_align > 0 is a term of the logit-channel distillation loss; set "
+                          "config.gumbel.logit_channel=True or warm_align=0")
     if model.warm_start and wants:
         raise ConfigError("config.model.warm_start=True: a warm student has no cross-attention layers; use "
                           "config.gumbel.conditioning='none' (logit channel) or 'x0'")

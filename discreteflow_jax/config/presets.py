@@ -57,6 +57,7 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     # config.teacher); dim/layers/heads/FFN come from the teacher. Full logits: set loss_chunk=0.
     c.model.warm_start = False
     c.model.warm_attention = "causal"  # causal | gated (learns to read later positions from a zero gate)
+    c.model.warm_align = 0.0  # > 0: + weight·(1 − cos) to the teacher's last hidden state (logit-channel students)
     c.model.warm_input_topk = 0  # > 0: the input posterior over the k likeliest tokens only (cheaper); 0: all
 
     c.flow = ml_collections.ConfigDict()

@@ -137,6 +137,11 @@ def validate_warm_start(model: TokenFlowConfig, task: str) -> None:
     if model.warm_input_topk > model.vocab_size:
         raise ConfigError(f"config.model.warm_input_topk={model.warm_input_topk} exceeds the vocabulary "
                           f"({model.vocab_size}); use 0 for all tokens")
+    if not (isinstance(model.warm_align, (int, float)) and model.warm_align >= 0):
+        raise ConfigError(f"config.model.warm_align must be >= 0 (0 = off), got {model.warm_align!r}")
+    if model.warm_align > 0 and (task != "gumbel" or not model.warm_start):
+        raise ConfigError("config.model.warm_align > 0 aligns a warm student with the teacher it distills: it needs "
+                          "config.model.warm_start=True and the gumbel task with gumbel.logit_channel=True")
     if not model.warm_start:
         return
     refused = {
