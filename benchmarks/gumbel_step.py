@@ -9,7 +9,9 @@ shapes: step time, tokens/s, compiled memory and FLOPs. JSON to stdout.
 Variants: ``baseline`` (Gaussian TokenFlow), ``x0`` / ``cross_attention`` (Gumbel conditioning,
 automatic chunking), ``NAME@C`` (Gumbel with ``gumbel.chunk_size=C``, e.g. ``@128`` = one chunk,
 i.e. the whole [B, T, V] noise at once, to see what chunking saves), ``logit_channel`` (the
-logit-channel student's distillation step). The teacher is a LLaMA with
+logit-channel student's distillation step), ``warm`` (the same, warm-started: the student is the
+teacher's decoder, docs/warm_start.md), ``warm_g_softmax`` / ``warm_g_linear`` (plus a G channel).
+The teacher is a LLaMA with
 random weights (its values do not change the cost). Every variant runs exactly the step that
 training runs (``benchmarks/step_time.py``'s ``benchmark``, random tokens); ``--steps=0`` reads
 memory and FLOPs from the compiled program without running it.
@@ -29,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit_json  # noqa: E402
 from step_time import benchmark  # noqa: E402  (also defines --steps and --out)
 
-from discreteflow_jax.config.presets import tokenflow_defaults  # noqa: E402
+from discreteflow_jax.config.presets import WARM_RECIPE, set_fields, tokenflow_defaults  # noqa: E402
 from discreteflow_jax.io.teacher import TeacherBundle  # noqa: E402
 from discreteflow_jax.models.llama import Llama, LlamaConfig  # noqa: E402
 from discreteflow_jax.tasks.gumbel import add_gumbel_sections  # noqa: E402
@@ -64,9 +66,14 @@ def variant_config(variant: str):
         c = add_gumbel_sections(c)
         c.gumbel.conditioning = name
         c.gumbel.chunk_size = int(chunk or 0)
-    if name == "logit_channel":  # what `configs/shakespeare_gumbel.py:...,logit_channel` sets
+    warm = name.startswith("warm")
+    if name == "logit_channel" or warm:  # what `configs/shakespeare_gumbel.py:...,logit_channel` sets
         c.gumbel.conditioning, c.gumbel.logit_channel = "none", True
         c.model.singular_logits, c.model.loss_chunk = False, 0
+    if warm:  # `...,logit_channel,warm[,g_softmax|g_linear]`: the student is the teacher's decoder
+        set_fields(c, WARM_RECIPE)
+        c.model.flow_dim = 32
+        c.gumbel.g_channel = name.removeprefix("warm").removeprefix("_g_") or "none"
     c.model.tie_embeddings = False  # as the Gumbel configs, so only the Gumbel parts differ
     c.model.vocab_size, c.model.dim, c.model.num_layers = _VOCAB.value, _DIM.value, _LAYERS.value
     c.model.num_heads, c.model.max_len, c.model.dtype = _HEADS.value, _SEQ.value, _DTYPE.value
