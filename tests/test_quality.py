@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from discreteflow_jax.evaluation.quality import interpolate_at_entropy, mauve_score, search_temperature
+from discreteflow_jax.evaluation.quality import (
+    interpolate_at_entropy,
+    mauve_score,
+    search_temperature,
+    shuffle_positions,
+)
 
 
 def _model(tau: float) -> tuple[float, float]:
@@ -72,3 +77,14 @@ def test_scorer_features_are_the_last_tokens_final_normed_state() -> None:
         h = llama.hidden(jnp.asarray([[1] + ids]))
         want = np.asarray(llama.final_norm(h[:, -1]))[0]
         np.testing.assert_allclose(row, want, atol=1e-5)
+
+
+def test_shuffle_positions_keeps_marginals_and_breaks_pairs() -> None:
+    rng = np.random.default_rng(1)
+    first = rng.integers(0, 50, 200)
+    tokens = np.stack([first, first + 100, rng.integers(0, 50, 200)], axis=1)  # column 1 copies column 0
+    out = shuffle_positions(tokens, seed=3)
+    for j in range(3):
+        assert sorted(out[:, j]) == sorted(tokens[:, j])
+    assert (out[:, 1] == out[:, 0] + 100).mean() < 0.1  # the dependence is gone
+    assert (tokens[:, 1] == tokens[:, 0] + 100).all()

@@ -1,6 +1,9 @@
 """Sample-quality numbers that a sampling temperature cannot buy: MAUVE against held-out text, and
 the Gen-PPL at the temperature that brings the samples' entropy to real text's (docs/evaluation.md).
 
+A third number tells whether a sampler couples positions at all: the Gen-PPL of the same samples
+with each position's tokens shuffled across samples (``shuffle_positions``).
+
 Gen-PPL alone rewards low-entropy samples: lowering the temperature lowers it without the samples
 getting any better. Two numbers answer that:
 
@@ -41,6 +44,17 @@ def mauve_score(sample_features: np.ndarray, text_features: np.ndarray, *, seed:
     buckets = max(2, min(len(p), len(q)) // 10)
     out = mauve.compute_mauve(p_features=p, q_features=q, num_buckets=buckets, seed=seed, verbose=False)
     return float(out.mauve)
+
+
+def shuffle_positions(tokens: np.ndarray, seed: int = 0) -> np.ndarray:
+    """[N, L] samples with each position's tokens permuted across the N samples (one permutation
+    per position): the same per-position marginals, every dependence between positions destroyed.
+    A sampler whose Gen-PPL is no better than its shuffled samples' draws positions independently."""
+    rng = np.random.default_rng(seed)
+    out = np.array(tokens, copy=True)
+    for j in range(out.shape[1]):
+        out[:, j] = out[rng.permutation(out.shape[0]), j]
+    return out
 
 
 def interpolate_at_entropy(points: Sequence[tuple[float, float, float]], target: float) -> dict[str, Any]:

@@ -54,7 +54,8 @@ def cached_cell(out_dir: str, key: str, identity: dict, fn: Any) -> dict:
 
 CSV_FIELDS = ("model", "kind", "causal", "K", "stagger", "gen_ppl", "nll", "nll_se", "entropy", "entropy_std", "rep",
               "mean_length", "num_empty", "scored_tokens", "num_samples", "length", "val_loss", "sample_s",
-              "dtype", "step", "path", "mauve", "matched_gen_ppl", "matched_temperature", "matched_target_entropy")
+              "dtype", "step", "path", "mauve", "matched_gen_ppl", "matched_temperature", "matched_target_entropy",
+              "shuffled_gen_ppl")
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -96,6 +97,9 @@ def markdown_tables(report: dict) -> str:
     if flows:
         tables = [("Gen-PPL ↓", "gen_ppl", 1), ("Unigram entropy (nats)", "entropy", 2),
                   (f"Repeated {ngram}-grams", rep, 3)]
+        if any("shuffled_gen_ppl" in r for r in flows):
+            tables.append(("Gen-PPL of the same samples, positions shuffled across samples (above the Gen-PPL: "
+                           "positions depend on each other)", "shuffled_gen_ppl", 1))
         if any("mauve" in r for r in flows):
             tables.append(("MAUVE against held-out text ↑ (scorer features; comparable within this table)", "mauve", 3))
         if any("matched_gen_ppl" in r for r in flows):

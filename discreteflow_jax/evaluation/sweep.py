@@ -27,7 +27,7 @@ import numpy as np
 from discreteflow_jax.data.tokenizers import Tokenizer
 from discreteflow_jax.evaluation.genppl import Scorer
 from discreteflow_jax.evaluation.metrics import sample_statistics, truncate_at_eos, validation_loss
-from discreteflow_jax.evaluation.quality import mauve_score, search_temperature
+from discreteflow_jax.evaluation.quality import mauve_score, search_temperature, shuffle_positions
 from discreteflow_jax.evaluation.report import cached, cached_cell, cell_key, write_report
 from discreteflow_jax.flow import TIME_GRIDS
 from discreteflow_jax.inference.batches import sample_batches
@@ -113,6 +113,9 @@ def quality_columns(model: Any, steps: int | None, tokens: np.ndarray, plain: di
     out: dict[str, Any] = {}
     if reference is None:
         return out
+    # The same samples with positions shuffled across samples (cut to the common length, EOS kept):
+    # how much of the Gen-PPL comes from positions that depend on each other.
+    out["shuffled_gen_ppl"] = scorer.score(shuffle_positions(tokens, settings.seed), model.tokenizer)["gen_ppl"]
     if settings.mauve and reference.features is not None:
         feats = scorer.features(scorer.prepare(tokens, model.tokenizer))
         out["mauve"] = round(mauve_score(feats, reference.features, seed=settings.seed + 25), 4)
