@@ -205,6 +205,24 @@ def test_logged_train_metrics_average_the_logging_window():
     assert out["train/grad_norm"] == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("num_buckets", [2, 10, 20, 30, 64, 100])
+def test_every_t_bucket_gets_its_own_metric(num_buckets):
+    """One metric per bucket: names that collide would overwrite each other's values."""
+    from discreteflow_jax.tasks.base import bucket_edges, summarize_flow
+
+    sums = {"loss_sum": 1.0, "tokens": 1.0, "bucket_loss_sum": np.arange(num_buckets, dtype=np.float64),
+            "bucket_tokens": np.ones(num_buckets)}
+    out = summarize_flow(sums, "val", num_buckets)
+    per_bucket = {k: v for k, v in out.items() if k.startswith("val/loss_t")}
+    assert len(set(bucket_edges(num_buckets))) == num_buckets
+    assert sorted(per_bucket.values()) == list(range(num_buckets))
+    # Names read as t ranges close to the true edges; ten buckets keep their familiar names.
+    lows = [float(name.split("-")[0]) for name in bucket_edges(num_buckets)]
+    np.testing.assert_allclose(lows, np.arange(num_buckets) / num_buckets, atol=0.5 / num_buckets)
+    if num_buckets == 10:
+        assert bucket_edges(10)[0] == "0.0-0.1" and bucket_edges(10)[-1] == "0.9-1.0"
+
+
 def test_grad_accumulation_equals_one_big_batch():
     """Micro-batches with different numbers of scored tokens: accumulating must give the gradient
     of the token-weighted mean over the whole batch, i.e. the one-big-batch step."""
