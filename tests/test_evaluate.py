@@ -312,6 +312,23 @@ def test_sample_cli_errors_are_readable(tmp_path, workdirs, capsys):
     assert "shorter than" in fails(f"--workdir={workdirs['flow']}", "--prompt=" + "word " * 40, data)
 
 
+def test_sample_cli_reproduces_a_sweep_cell_given_the_same_settings(tmp_path, workdirs):
+    """The rows ``sample`` writes are the sweep's for the same seed, batch size and sampling settings
+    (the defaults differ: the model config's temperature here, the sweep's 1.0 there)."""
+    from discreteflow_jax.evaluation.sweep import SweepSettings, draw_samples
+    from discreteflow_jax.inference.load import load
+
+    model = load(workdirs["flow"], workdirs["data"])
+    settings = SweepSettings(steps=(2,), num_samples=3, batch_size=2, seed=5, temperature=0.7)
+    rows = draw_samples(model, 2, settings, model.sample_length)
+    out = str(tmp_path / "samples.txt")
+    assert sample_cli.run([f"--workdir={workdirs['flow']}", "--num_samples=3", "--steps=2", "--batch_size=2",
+                            "--seed=5", "--temperature=0.7", "--quiet", f"--data_dir={workdirs['data']}",
+                            f"--out={out}"]) == 0
+    texts = [block.split(" ===\n", 1)[1].rstrip("\n") for block in open(out).read().split("=== sample ")[1:]]
+    assert texts == [model.tokenizer.decode_until_eos(row) for row in rows]
+
+
 def test_gen_ppl_through_the_python_api(workdirs):
     from discreteflow_jax.inference.load import load
 

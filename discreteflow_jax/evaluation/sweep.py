@@ -78,7 +78,8 @@ class SweepSettings:
 
 def draw_samples(model: Any, steps: int | None, settings: SweepSettings, length: int) -> np.ndarray:
     """[num_samples, length] token ids, in batches of ``settings.batch_size`` with per-batch seeds
-    (``inference.batches.sample_batches``: ``python -m discreteflow_jax.sample`` draws the same rows)."""
+    (``inference.batches.sample_batches``: ``python -m discreteflow_jax.sample`` draws the same rows
+    when given the same K, seed, batch size, temperature, schedule and stagger)."""
     if is_autoregressive(model):
         kwargs: dict[str, Any] = {"temperature": settings.teacher_temperature, "length": model.sample_length}
         steps = None
