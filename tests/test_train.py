@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, load_config
+from conftest import REPO, load_config, record_network_inputs
 
 from discreteflow_jax.config.presets import set_fields
 from discreteflow_jax.io import checkpoint as ckpt
@@ -76,7 +76,16 @@ def test_train_resume_and_sample(tmp_path, data_dir, monkeypatch):
             assert f"=== step 6 K={k} sample {j} ===\n{model.tokenizer.decode_until_eos(row.tolist())}\n" in written
     out = export_workdir(workdir, str(tmp_path / "export"))
     assert os.path.isfile(os.path.join(out, "llama_tokenizer", "tokenizer.model"))
-    assert dfj.load(out).sample(1, 2, seed=0, prompt="ROMEO:")[0].startswith("ROMEO:")
+    # The exported model holds the prompt in the network's input at every step (the output copies
+    # known tokens back, so only the input shows that the prompt conditions the sample).
+    exported = dfj.load(out)
+    seen = record_network_inputs(monkeypatch)
+    assert exported.sample(1, 2, seed=0, prompt="ROMEO:", condition="clamp")[0].startswith("ROMEO:")
+    ids = exported.tokenizer.encode("ROMEO:")
+    e_prompt = np.asarray(exported.model().embed(jnp.asarray([ids], jnp.int32)))[0]
+    assert len(seen) == 2
+    for x, _ in seen:
+        np.testing.assert_allclose(x[0, :len(ids)], e_prompt, rtol=1e-5, atol=1e-6)
 
 
 def test_interrupted_run_matches_uninterrupted(tmp_path, data_dir, monkeypatch):
