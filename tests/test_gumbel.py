@@ -562,7 +562,8 @@ def test_fineweb_gumbel_smoke(tiny_gpt2_dir: Path, tmp_path: Path, causal: bool)
 
 def test_resume_refuses_another_conditioning_or_teacher(shakespeare_teacher_dir: Path, tmp_path: Path) -> None:
     """A Gumbel workdir resumed with another conditioning (a different parameter tree) or another
-    teacher checkpoint is refused with the fields listed, before anything is restored."""
+    teacher checkpoint is refused with the fields listed, before anything is restored. The run is a
+    causal student: the default suite's end-to-end causal Gumbel run (the slow smoke runs both)."""
     import shutil
 
     from discreteflow_jax.io import checkpoint as ckpt
@@ -571,6 +572,7 @@ def test_resume_refuses_another_conditioning_or_teacher(shakespeare_teacher_dir:
         c = _config("shakespeare_gumbel")
         c.teacher.checkpoint = str(teacher)
         c.gumbel.conditioning = conditioning
+        c.causal = True
         c.train.num_steps, c.train.ckpt_every, c.train.eval_every = 1, 1, 1
         c.sample.eval_steps = (1,)
         return c
@@ -578,13 +580,43 @@ def test_resume_refuses_another_conditioning_or_teacher(shakespeare_teacher_dir:
     other_teacher = tmp_path / "other_teacher"
     shutil.copytree(shakespeare_teacher_dir, other_teacher)
     first = config(shakespeare_teacher_dir, "cross_attention")
-    _run(first, tmp_path / "run", str(DATA))
+    out = _run(first, tmp_path / "run", str(DATA))
+    assert out["state"] is not None and np.isfinite(out["metrics"]["train/loss"])
     assert_teacher_nll_is_the_teachers_own_loss(first, tmp_path / "run", str(DATA))
     with pytest.raises(ckpt.CheckpointMismatchError) as err:
         _run(config(other_teacher, "x0"), tmp_path / "run", str(DATA))
     text = str(err.value)
     assert "gumbel.conditioning: checkpoint has 'cross_attention', this run has 'x0'" in text
     assert f"teacher.checkpoint: checkpoint has {str(shakespeare_teacher_dir)!r}" in text
+
+
+def test_causal_student_reads_no_later_position() -> None:
+    """A causal Gumbel student (config.causal=True): its logits at positions < k do not change when
+    x_t at positions >= k does (the cross-attention context held fixed), and a training step through
+    the task gives finite gradients."""
+    conditioning = "cross_attention"
+    c = _task_config(conditioning)
+    c.causal = True
+    task = gumbel_task(parse_config(c), teacher=_bundle(_tiny_llama()))
+    model = task.create_model(nnx.Rngs(0))
+    assert model.cfg.causal
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32))
+    later = x.at[:, 10:].add(jax.random.normal(jax.random.key(1), (2, 6, 32)))
+    t = jnp.full((2,), 0.3)
+    context = jax.random.normal(jax.random.key(2), (2, 16, 32))
+    tokens = jax.random.randint(jax.random.key(3), (4, 16), 0, V)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit  # one program: eager op-by-op execution would cost more than compiling
+    def run(params, aux):
+        m = nnx.merge(graphdef, params)
+        grads = jax.grad(lambda p: task.loss_fn(nnx.merge(graphdef, p), aux, tokens, jax.random.key(4))[0])(params)
+        return m(x, t, context), m(later, t, context), grads
+
+    a, b, grads = run(params, task.aux)
+    np.testing.assert_allclose(a[:, :10], b[:, :10], rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(a[:, 10:] - b[:, 10:]).max()) > 1e-3
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
 def test_auto_chunk_is_sized_per_device(monkeypatch) -> None:
