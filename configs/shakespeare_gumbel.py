@@ -20,7 +20,8 @@ VARIANTS = {
         "data.seq_len": 64, "train.batch_size": 16, "train.grad_accum": 1, "train.num_steps": 500,
         "train.lr": 1e-3, "train.warmup_steps": 50, "train.log_every": 25, "train.eval_every": 250,
         "train.ckpt_every": 100, "train.eval_batches": 4,
-        # 500 steps: on 2 CPU cores a Gumbel step costs ~1.7 s (the B×T×V noise), so this fits in ~15 min.
+        # 500 steps: a Gumbel step costs more than a baseline one (the B×T×V noise); the measured step
+        # time is in the performance table of the docs.
         # As shakespeare_baseline.py:cpu: more of the small batch at small t (t = u**2).
         "flow.time_sampler": "power", "flow.time_param": 2.0,
         # The recipe that reads context (docs/context_ablation.md); `:cpu,original` drops it.

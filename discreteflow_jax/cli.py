@@ -9,9 +9,12 @@ same parsing and ``main`` in-process. ``--help`` prints the module docstring and
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import app, flags
 
@@ -53,6 +56,9 @@ def parse(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
     fv.unparse_flags()
     for name in [n for n in fv if "." in n]:  # --config.x.y overrides an earlier parse defined
         delattr(fv, name)
+    if (error := config_override_error(fv, argv)) is not None:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR)
     saved, sys.argv = sys.argv, list(argv)  # config_flags looks for the --config.x.y overrides in sys.argv
     try:
         return fv(list(argv))
@@ -61,6 +67,57 @@ def parse(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
         raise SystemExit(USAGE_ERROR) from None
     finally:
         sys.argv = saved
+
+
+def config_override_error(fv: flags.FlagValues, argv: Sequence[str]) -> str | None:
+    """The message for a ``--config.a.b=...`` override that names no field of the config file, with
+    the nearest valid names; None when every override names a field. Checked before parsing, since
+    ml_collections reports it as a long traceback. A config file that does not load is left to the
+    parser's own message."""
+    for name in [n for n in fv if fv[n].parser.flag_type() == "config object"]:  # DEFINE_config_file
+        spec, overrides = None, []
+        for i, arg in enumerate(argv):
+            key, _, value = arg.removeprefix("--").partition("=")
+            if not arg.startswith("--"):
+                continue
+            if key == name:
+                spec = value if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+            elif key.startswith(name + "."):
+                overrides.append(key[len(name) + 1:])
+        if not overrides or not spec:
+            continue
+        try:
+            config = _load_config_file(spec)
+        except Exception:  # noqa: BLE001 - the parser reports a file that does not load
+            continue
+        for path in overrides:
+            if (error := _missing_field(config, name, path)) is not None:
+                return error
+    return None
+
+
+def _load_config_file(spec: str) -> Any:
+    """``get_config(ARG)`` of ``PATH[:ARG]``, as ml_collections reads a ``--config`` value."""
+    path, *args = spec.split(":", 1)
+    module_spec = importlib.util.spec_from_file_location("discreteflow_jax_cli_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
+def _missing_field(config: Any, name: str, path: str) -> str | None:
+    node, where = config, name
+    for part in path.split("."):
+        if not hasattr(node, "keys"):
+            return f"--{name}.{path}: {where} is a value, not a section with fields"
+        if part not in node:
+            valid = sorted(str(k) for k in node.keys())
+            near = difflib.get_close_matches(part, valid, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(near)}? " if near else ""
+            return (f"--{name}.{path}: {where} has no field {part!r}; {hint}"
+                    f"valid fields: {', '.join(valid)}")
+        node, where = node[part], f"{where}.{part}"
+    return None
 
 
 def call(main: Callable[[list[str]], int | None], fv: flags.FlagValues, args: Sequence[str],

@@ -306,12 +306,15 @@ def gumbel_flow_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The Gumbel reflow loss: teacher pass, posterior (or teacher sampling), reduction of G and
     the student's flow loss. ``flow_kwargs`` go to ``flow.flow_loss`` (time sampler, buckets, t_B).
-    Metrics are those of ``flow_loss`` plus ``teacher_nll_sum`` (the teacher's NLL of the targets)."""
+    Metrics are those of ``flow_loss`` plus ``teacher_nll_sum`` (the teacher's NLL of the targets) and
+    ``teacher_tokens`` (their count)."""
     noise_key, flow_key = jax.random.split(key)
     tokens, ctx, nll = gumbel_pairs(model, teacher, tokens_BT, noise_key, gumbel, bos_id=bos_id, source=source)
     x0, context = student_inputs(model, ctx, gumbel)
     loss, metrics = flow.flow_loss(model, tokens, mask_BT, flow_key, x0=x0, context=context, **flow_kwargs)
+    # Over every target, known ones included: its own count (``tokens`` counts the scored ones).
     metrics["teacher_nll_sum"] = jnp.sum(nll * mask_BT.astype(jnp.float32))
+    metrics["teacher_tokens"] = jnp.sum(mask_BT.astype(jnp.float32))
     return loss, metrics
 
 

@@ -93,8 +93,9 @@ def gumbel_distill_loss(
     """Masked mean over tokens of KL(p_teacher(· | x_<i) ‖ softmax(h_i)), h the student's network
     logits on x_t (Gaussian x0 unless conditioning="x0"). Known positions (``known_BT``) enter clean
     and are not scored, as in ``flow.flow_loss``. Metrics: ``flow.flow_metrics`` of the per-token KL,
-    ``teacher_nll_sum``, ``gumbel_agree_sum`` = Σ mask·[argmax(h + G) = x] (how often a sampler at that
-    t would emit the teacher's token for the same G) and its t-buckets ``bucket_agree_sum``."""
+    ``teacher_nll_sum`` over ``teacher_tokens`` targets, ``gumbel_agree_sum`` = Σ mask·[argmax(h + G) = x]
+    (how often a sampler at that t would emit the teacher's token for the same G) and its t-buckets
+    ``bucket_agree_sum``."""
     noise_key, flow_key = jax.random.split(key)
     t_key, x0_key = jax.random.split(flow_key)
     tokens, x0, context, logp, g, teacher_hidden = distill_pairs(
@@ -131,5 +132,7 @@ def gumbel_distill_loss(
     metrics["gumbel_agree_sum"] = jnp.sum(agree * mask)
     metrics["bucket_agree_sum"] = flow.bucket_sums(agree, t_BT, mask, num_buckets)[0]
     nll = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    # Over every target, known ones included: its own count (``tokens`` counts the scored ones).
     metrics["teacher_nll_sum"] = jnp.sum(nll * mask_BT.astype(jnp.float32))
+    metrics["teacher_tokens"] = jnp.sum(mask_BT.astype(jnp.float32))
     return loss, metrics

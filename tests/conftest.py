@@ -47,3 +47,32 @@ def data_dir() -> str:
     if not (SHARED_DATA / "tiny_shakespeare" / "input.txt").exists():
         pytest.skip(f"offline data folder not found at {SHARED_DATA}")
     return str(SHARED_DATA)
+
+
+class _InputRecorder:
+    """A model that records every (x_t, t) it is called with, then answers as the wrapped one."""
+
+    def __init__(self, model, seen: list):
+        self._model, self._seen = model, seen
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, x, t, *args):
+        import jax
+        import numpy as np
+
+        jax.debug.callback(lambda x_, t_: self._seen.append((np.asarray(x_), np.asarray(t_))), x, t)
+        return self._model(x, t, *args)
+
+
+def record_network_inputs(monkeypatch) -> list:
+    """[(x_t [B, T, d], t), ...]: what the network reads at every step of every flow sampler called
+    afterwards (``flow.sample_flow``; also under jit). Checks on the sampler's input cannot be
+    passed by the copy of known tokens into its output."""
+    from discreteflow_jax import flow
+
+    seen: list = []
+    real = flow.sample_flow
+    monkeypatch.setattr(flow, "sample_flow", lambda model, *a, **kw: real(_InputRecorder(model, seen), *a, **kw))
+    return seen

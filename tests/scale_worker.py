@@ -193,7 +193,8 @@ def bad_inputs() -> dict:
     return out
 
 
-def full_run(task_name: str, layout: str, workdir: str, runs: list[int], every: int) -> dict:
+def full_run(task_name: str, layout: str, workdir: str, runs: list[int], every: int,
+             sample_steps: tuple[int, ...] = (2,)) -> dict:
     """Trainer.run (checkpoints, eval, samples, SIGTERM handling) once per entry of ``runs`` (its
     num_steps), each a fresh Trainer on the same workdir, so every run after the first resumes."""
     import jax
@@ -204,7 +205,7 @@ def full_run(task_name: str, layout: str, workdir: str, runs: list[int], every: 
     for num_steps in runs:
         cfg, task = build(task_name, layout, {
             "train.num_steps": num_steps, "train.ckpt_every": every, "train.eval_every": every,
-            "train.log_every": 1, "sample.eval_steps": (2,), "sample.num_samples": 2,
+            "train.log_every": 1, "sample.eval_steps": sample_steps, "sample.num_samples": 2,
         })
         data = SyntheticTokens(cfg.model.vocab_size, cfg.data.seq_len, cfg.train.batch_size)
         trainer = Trainer(cfg, task, workdir, data, ByteTokenizer(), preemption_sync_every=2)
@@ -227,6 +228,7 @@ def main() -> None:
     parser.add_argument("--task", default="tokenflow")
     parser.add_argument("--steps", default="3", help="equiv: steps; run: num_steps of each run, comma-separated")
     parser.add_argument("--every", type=int, default=2, help="run: checkpoint and eval interval")
+    parser.add_argument("--sample_steps", default="2", help="run: K of the samples at each evaluation; empty: none")
     parser.add_argument("--workdir", default="")
     parser.add_argument("--coordinator_address", default=None)
     parser.add_argument("--num_processes", type=int, default=None)
@@ -257,7 +259,8 @@ def main() -> None:
             result = {"error": type(err).__name__, "message": str(err)}
     else:
         runs = [int(n) for n in args.steps.split(",")]
-        result = full_run(args.task, args.layouts.split(",")[0], args.workdir, runs, args.every)
+        sample_steps = tuple(int(k) for k in args.sample_steps.split(",") if k)
+        result = full_run(args.task, args.layouts.split(",")[0], args.workdir, runs, args.every, sample_steps)
     result_line = json.dumps({"process": jax.process_index(), "result": result})
     print(result_line, flush=True)
     sys.stdout.flush()

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import load_config, record_network_inputs
 from flax import nnx
 
 import discreteflow_jax as dfj
@@ -140,21 +140,41 @@ def test_oracle_unconditional_samples_are_data():
     assert all(tuple(r) in rows for r in tokens.tolist())
 
 
+def assert_known_inputs(seen: list, e_known: np.ndarray, mask: np.ndarray, condition: str) -> None:
+    """At every step the network reads the known positions as ``condition`` says: their clean
+    embedding (clamp) or t·e + (1−t)·x0 (path; x0 is what it read at t = 0), and the others not so."""
+    assert len(seen) >= 2
+    x_first = next(x for x, t in seen if np.all(t == 0))
+    for x, t in seen:
+        t = np.reshape(t, (-1,))[0]
+        target = e_known if condition == "clamp" else t * e_known + (1 - t) * x_first
+        np.testing.assert_allclose(x[mask], target[mask], rtol=1e-5, atol=1e-6)
+        if t > 0:
+            assert not np.allclose(x[~mask], target[~mask], atol=1e-3)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("condition", conditioning.CONDITION_MODES)
-def test_known_positions_come_out_unchanged(causal, condition):
+def test_known_positions_reach_the_network_held(causal, condition, monkeypatch):
     tok = CharTokenizer()
     model = tiny_flow(tok, causal=causal)
     rng = np.random.default_rng(0)
     # Same n and steps everywhere: one compiled program serves all three requests.
     known = rng.integers(0, tok.vocab_size, (2, 16))
     mask = rng.random((2, 16)) < 0.4
+    seen = record_network_inputs(monkeypatch)
     out = model.sample_tokens(2, 2, seed=0, known_tokens=known, known_mask=mask, condition=condition)
     assert out.shape == (2, 16)
     np.testing.assert_array_equal(out[mask], known[mask])
+    assert_known_inputs(seen, np.asarray(model.model().embed(jnp.asarray(known))), mask, condition)
 
+    seen.clear()
     texts = model.sample(2, 2, seed=1, prompt="to be", condition=condition)
     assert all(t.startswith("to be") for t in texts)
+    prompt = np.zeros((2, 16), int)
+    prompt[:, :5] = tok.encode("to be")
+    in_prompt = np.broadcast_to(np.arange(16) < 5, (2, 16))
+    assert_known_inputs(seen, np.asarray(model.model().embed(jnp.asarray(prompt))), in_prompt, condition)
     filled = model.sample_tokens(2, 2, seed=1, template="to be ____ to be", blank_length=3, condition=condition)
     assert_template_kept(filled, prompts.parse_template("to be ____ to be", tok, blank_length=3))
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 from conftest import REPO
 
 from discreteflow_jax import cli
+from discreteflow_jax.config import ConfigError, parse_config
 
 ENTRY_POINTS = ("main", "sample", "evaluate", "export", "plot_metrics")
 
@@ -68,6 +71,11 @@ def test_every_documented_command_line_parses(monkeypatch):
             continue
         rest = cli.parse(module.FLAGS, ["prog", *args])
         assert rest[1:] == (["sweep"] if name == "evaluate" else []), where
+        if name == "main":  # the config the command builds is one training accepts
+            try:
+                parse_config(module.FLAGS.config)
+            except ConfigError as err:
+                pytest.fail(f"{where}: {err}")
 
 
 def test_flags_left_out_take_their_defaults_again():
@@ -76,3 +84,39 @@ def test_flags_left_out_take_their_defaults_again():
     assert sample.FLAGS.prompt == "ROMEO:" and sample.FLAGS.quiet
     cli.parse(sample.FLAGS, ["prog", "--workdir=a"])
     assert sample.FLAGS.prompt is None and not sample.FLAGS.quiet
+
+
+def test_a_misspelt_config_field_is_one_error_line():
+    """The command line as a user runs it: one `error:` line naming the nearest valid fields, exit code 2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "discreteflow_jax.main", "--config=configs/shakespeare_gumbel.py:smoke",
+         "--config.model.dimm=3", "--workdir=unused"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == cli.USAGE_ERROR, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: --config.model.dimm: config.model has no field 'dimm'; did you mean dim? "
+                               "valid fields: context_dim, cross_attention, dim,"), lines[0]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("--config.modell.dim=3", "config has no field 'modell'; did you mean model? valid fields: causal, data,"),
+    ("--config.seedd=1", "config has no field 'seedd'; did you mean seed?"),
+    ("--config.gumbel.tauu=2", "config.gumbel has no field 'tauu'; did you mean tau? valid fields: chunk_size,"),
+    ("--config.model.dim.x=1", "config.model.dim is a value, not a section with fields"),
+])
+def test_a_misspelt_config_field_at_any_depth_is_one_error_line(override, message, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as info:
+        entry("main").run(["--config=configs/shakespeare_gumbel.py:smoke", override, "--workdir=unused"])
+    assert info.value.code == cli.USAGE_ERROR
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {override.split('=')[0]}: {message}"), lines
+
+
+def test_config_overrides_on_entry_points_without_a_config_are_one_error_line(capsys):
+    for name in ENTRY_POINTS[1:]:
+        with pytest.raises(SystemExit) as info:
+            entry(name).run(["--config.model.dimm=3"])
+        assert info.value.code == cli.USAGE_ERROR, name
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert errors == ["error: Unknown command line flag 'config.model.dimm'"], (name, errors)

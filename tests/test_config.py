@@ -109,6 +109,7 @@ BAD_VALUES = [
     ("shakespeare_baseline", {"sample.schedule": "power", "sample.schedule_param": 0.0},
      "sample.schedule_param must be > 0 for schedule='power'"),
     ("shakespeare_baseline", {"flow.num_buckets": 0}, "flow.num_buckets must be a positive integer, got 0"),
+    ("shakespeare_baseline", {"flow.num_buckets": 101}, r"flow.num_buckets=101 must be at most 100"),
     ("shakespeare_baseline", {"flow.time_sampler": "power", "flow.time_param": -1.0},
      r"flow.time_param must be > 0 for time_sampler='power' \(t = u\*\*p; p <= 0 puts every t at 1\)"),
     ("shakespeare_baseline", {"flow.time_sampler": "power", "flow.time_param": 0.0}, "every t at 1"),

@@ -210,10 +210,15 @@ def workdirs(tmp_path_factory) -> dict[str, str]:
 def test_smoke_sweep_writes_table_csv_and_plot(tmp_path, workdirs):
     flow_dir, teacher_dir, gumbel_dir = workdirs["flow"], workdirs["teacher"], workdirs["gumbel"]
     out = str(tmp_path / "sweep")
-    models = f"--models=flow={flow_dir},gumbel={gumbel_dir},teacher={teacher_dir}"
+    models = f"--models=flow={flow_dir},gumbel={gumbel_dir}"
     argv = ["sweep", models, f"--scorer={teacher_dir}", "--steps=1,2",
             "--num_samples=4", "--batch_size=2", "--seed=0", f"--data_dir={workdirs['data']}", f"--out={out}"]
     assert evaluate.run(argv) == 0
+    # Adding a teacher (listed first) computes its cell only: the flow cells are reused.
+    before = os.path.getmtime(os.path.join(out, "cells", "flow_K1.json"))
+    argv[1] = f"--models=teacher={teacher_dir},flow={flow_dir},gumbel={gumbel_dir}"
+    assert evaluate.run(argv) == 0
+    assert os.path.getmtime(os.path.join(out, "cells", "flow_K1.json")) == before
     for name in ("sweep.md", "sweep.csv", "sweep.json", "sweep.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     rows = list(csv.DictReader(open(os.path.join(out, "sweep.csv"))))
@@ -227,16 +232,44 @@ def test_smoke_sweep_writes_table_csv_and_plot(tmp_path, workdirs):
         assert float(r["gen_ppl"]) > 1 and 0 <= float(r["entropy"]) <= math.log(15) + 1e-6
         assert r["kind"] == "data" or math.isfinite(float(r["val_loss"]))
         assert r["num_samples"] == "4" and r["length"] == "15"  # the teacher's 16-slot context holds BOS + 15
+    # Each validation loss is labelled with the objective it measures (a logit-channel student's is a KL).
+    objectives = {r["model"]: r["val_objective"] for r in rows if r["kind"] != "data"}
+    assert objectives == {"flow": "flow cross-entropy", "gumbel": "flow cross-entropy", "teacher": "next-token NLL"}
     table = open(os.path.join(out, "sweep.md")).read()
+    assert "| teacher | teacher | next-token NLL |" in table and "| flow | tokenflow | flow cross-entropy |" in table
     for fact in ("N = 4 samples", "15 tokens", "seed 0", "K = 1, 2", "time grid uniform", "sampling dtype float32"):
         assert fact in table
     assert os.path.isfile(os.path.join(out, "samples", "flow_K2.txt"))
 
-    # A second run with one more K reuses the finished cells and adds the new one.
-    before = os.path.getmtime(os.path.join(out, "cells", "flow_K1.json"))
+    # A third run with one more K reuses the finished cells and adds the new one.
     assert evaluate.run(argv[:3] + ["--steps=1,2,4"] + argv[4:]) == 0
     assert os.path.getmtime(os.path.join(out, "cells", "flow_K1.json")) == before
     assert os.path.isfile(os.path.join(out, "cells", "flow_K4.json"))
+
+
+def test_a_logit_channel_students_validation_loss_is_labelled_a_kl():
+    """The logit channel trains on the KL to the teacher's conditional; its validation loss must not
+    share the flows' cross-entropy label (the numbers are not comparable)."""
+    from types import SimpleNamespace
+
+    from discreteflow_jax.evaluation.metrics import validation_objective
+    from discreteflow_jax.evaluation.report import markdown_tables
+
+    def model(kind, **gumbel):
+        return SimpleNamespace(kind=kind, config=SimpleNamespace(extra={"gumbel": gumbel} if gumbel else {}))
+
+    models = {"baseline": model("tokenflow"), "gumbel": model("gumbel", logit_channel=False),
+              "logit": model("gumbel", conditioning="none", logit_channel=True), "teacher": model("gpt2")}
+    objectives = {name: validation_objective(m) for name, m in models.items()}
+    assert objectives == {"baseline": "flow cross-entropy", "gumbel": "flow cross-entropy",
+                          "logit": "KL to the teacher", "teacher": "next-token NLL"}
+    report = {"settings": {"ngram": 4, "schedule": "uniform", "num_samples": 1, "seed": 0, "batch_size": 1,
+                           "steps": [1], "temperature": 1.0, "teacher_temperature": 1.0},
+              "length": 8, "scorer": "s", "sampling_dtype": {}, "backend": "cpu", "rows": [],
+              "val_losses": {"baseline": {"loss": 6.31}, "logit": {"loss": 2.56}}, "val_objectives": objectives}
+    table = markdown_tables(report)
+    assert "| logit |  | KL to the teacher | 2.560 |" in table
+    assert "| baseline |  | flow cross-entropy | 6.310 |" in table
 
 
 def test_sweep_rejects_bad_inputs_before_loading(tmp_path, capsys):
@@ -277,6 +310,23 @@ def test_sample_cli_errors_are_readable(tmp_path, workdirs, capsys):
     data = f"--data_dir={workdirs['data']}"
     assert "prefix" in fails(f"--workdir={workdirs['teacher']}", "--template=To be ___ be", data)
     assert "shorter than" in fails(f"--workdir={workdirs['flow']}", "--prompt=" + "word " * 40, data)
+
+
+def test_sample_cli_reproduces_a_sweep_cell_given_the_same_settings(tmp_path, workdirs):
+    """The rows ``sample`` writes are the sweep's for the same seed, batch size and sampling settings
+    (the defaults differ: the model config's temperature here, the sweep's 1.0 there)."""
+    from discreteflow_jax.evaluation.sweep import SweepSettings, draw_samples
+    from discreteflow_jax.inference.load import load
+
+    model = load(workdirs["flow"], workdirs["data"])
+    settings = SweepSettings(steps=(2,), num_samples=3, batch_size=2, seed=5, temperature=0.7)
+    rows = draw_samples(model, 2, settings, model.sample_length)
+    out = str(tmp_path / "samples.txt")
+    assert sample_cli.run([f"--workdir={workdirs['flow']}", "--num_samples=3", "--steps=2", "--batch_size=2",
+                            "--seed=5", "--temperature=0.7", "--quiet", f"--data_dir={workdirs['data']}",
+                            f"--out={out}"]) == 0
+    texts = [block.split(" ===\n", 1)[1].rstrip("\n") for block in open(out).read().split("=== sample ")[1:]]
+    assert texts == [model.tokenizer.decode_until_eos(row) for row in rows]
 
 
 def test_gen_ppl_through_the_python_api(workdirs):

@@ -162,6 +162,29 @@ def test_resume_step_picks_a_checkpoint(trained, tmp_path, data_dir, caplog):
         experiment.run(smoke(), workdir, data_dir=data_dir, resume_step=4)
 
 
+def metric_records(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_keeps_one_trajectory_in_metrics_jsonl(trained, tmp_path, data_dir, caplog):
+    """Resuming from step 3 trains steps 4..9 again: metrics.jsonl must hold each step's records
+    once (the rerun's), and the discarded records are kept beside it, not lost."""
+    workdir = copy_run(trained, tmp_path)
+    before = metric_records(os.path.join(workdir, "metrics.jsonl"))
+    with caplog.at_level(logging.WARNING, logger="discreteflow_jax"):
+        experiment.run(smoke(), workdir, data_dir=data_dir, resume_step=3)
+    after = metric_records(os.path.join(workdir, "metrics.jsonl"))
+    steps = [r["step"] for r in after]
+    assert steps == sorted(steps), f"steps go back in metrics.jsonl: {steps}"
+    assert [r for r in after if r["step"] <= 3] == [r for r in before if r["step"] <= 3]
+    logged = [sorted(r["step"] for r in records if "train/loss" in r) for records in (before, after)]
+    assert logged[0] == logged[1]
+    discarded = metric_records(os.path.join(workdir, "metrics_discarded.jsonl"))
+    assert discarded == [r for r in before if r["step"] > 3]
+    assert "moved the records of steps 4, 6, 8, 9" in caplog.text
+
+
 def test_resume_step_damaged_names_steps_that_load(trained, tmp_path, data_dir):
     workdir = copy_run(trained, tmp_path)
     damage(workdir, 6, "truncated")

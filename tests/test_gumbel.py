@@ -252,6 +252,30 @@ def test_fused_step_matches_unfused_reference(conditioning: str, embed_grad: boo
     assert float(jnp.abs(emb_grad).max()) > 0  # the embedding trains either way
 
 
+@pytest.mark.parametrize("logit_channel", [False, True])
+def test_teacher_nll_counts_the_positions_it_sums(logit_channel: bool) -> None:
+    """With known positions (flow.condition_prob > 0) the loss skips them, but the teacher NLL is of
+    every target: its mean must not change when positions are marked known."""
+    from discreteflow_jax.gumbel_distill import gumbel_distill_loss
+    from discreteflow_jax.tasks.gumbel import summarize_gumbel
+
+    teacher = _tiny_llama()
+    g_cfg = GumbelConfig(conditioning="none", logit_channel=True) if logit_channel else GumbelConfig()
+    model = _student(g_cfg.conditioning, singular_logits=False) if logit_channel else _student()
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, V)
+    mask = jnp.ones(tokens.shape)
+    known = jnp.arange(16)[None, :].repeat(2, 0) < 12  # 3/4 of the positions known
+    loss_fn = gumbel_distill_loss if logit_channel else gmb.gumbel_flow_loss
+    logged = []
+    for known_bt in (None, known):
+        sums = loss_fn(model, teacher, tokens, mask, jax.random.key(3), g_cfg, bos_id=BOS, num_buckets=4,
+                       known_BT=known_bt)[1]
+        logged.append(summarize_gumbel(jax.device_get(sums), "train", 4)["train/teacher_nll"])
+    logp = np.asarray(gmb.log_probs(teacher(gmb.teacher_inputs(tokens, BOS))))
+    expected = -np.take_along_axis(logp, np.asarray(tokens)[..., None], -1).mean()
+    np.testing.assert_allclose(logged, [expected, expected], rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # The configured conditioning reaches the model
 
@@ -409,8 +433,29 @@ def test_teacher_sample_source_pairs_tokens_with_their_prior_noise() -> None:
 # Sampling
 
 
+def _reference_sample(model: TokenFlow, key: jax.Array, steps: int, g_cfg: GumbelConfig, b: int, t: int) -> np.ndarray:
+    """The sampler written out at full size: G [B, T, V] from the prior, softmax(G/τ)·E (numpy) as x0
+    or context, K plain Euler steps on x̂₁ = softmax(logits)·E, tokens = argmax of the last logits."""
+    g_key, x0_key = jax.random.split(key)
+    g = np.asarray(gmb.sample_prior(g_key, b, t, V))
+    z = g / g_cfg.tau
+    w = np.exp(z - z.max(-1, keepdims=True))
+    ctx = jnp.asarray((w / w.sum(-1, keepdims=True)) @ np.asarray(model.embeddings()))
+    # The cross-attention context enters at the residual stream's O(1) scale.
+    x0, context = (ctx, None) if g_cfg.conditioning == "x0" else (None, ctx / model.cfg.embed_scale_value)
+    x = x0 if x0 is not None else model.cfg.sigma * jax.random.normal(x0_key, (b, t, model.cfg.flow_width))
+    grid = np.linspace(0.0, 1.0, steps + 1)
+    for i in range(steps):
+        logits = model(x, jnp.full((b,), grid[i], jnp.float32), context)
+        if i == steps - 1:
+            return np.asarray(jnp.argmax(logits, axis=-1))
+        x1_hat = jax.nn.softmax(logits, axis=-1) @ model.embeddings()
+        x = x + (grid[i + 1] - grid[i]) / (1.0 - grid[i]) * (x1_hat - x)
+    raise AssertionError("steps must be >= 1")
+
+
 @pytest.mark.parametrize("conditioning,steps", [("x0", 1), ("cross_attention", 3)])
-def test_sampler_any_k_deterministic_and_noise_temperature(conditioning: str, steps: int) -> None:
+def test_sampler_matches_a_full_size_reference_and_noise_temperature(conditioning: str, steps: int) -> None:
     model = _student(conditioning)
     graphdef, params = nnx.split(model)
     g_cfg = GumbelConfig(conditioning=conditioning)
@@ -418,7 +463,7 @@ def test_sampler_any_k_deterministic_and_noise_temperature(conditioning: str, st
     run = gmb.make_sampler(graphdef, g_cfg, batch=2, seq_len=16, steps=steps)
     out = run(params, key)
     assert out.shape == (2, 16) and out.dtype == jnp.int32
-    np.testing.assert_array_equal(out, run(params, key))
+    np.testing.assert_array_equal(out, _reference_sample(model, key, steps, g_cfg, 2, 16))
     x0_a, ctx_a = gmb.gumbel_source(model, key, 2, 16, g_cfg)
     x0_b, ctx_b = gmb.gumbel_source(model, key, 2, 16, dataclasses.replace(g_cfg, sample_temperature=0.5))
     changed = (x0_a, x0_b) if conditioning == "x0" else (ctx_a, ctx_b)
@@ -517,7 +562,8 @@ def test_fineweb_gumbel_smoke(tiny_gpt2_dir: Path, tmp_path: Path, causal: bool)
 
 def test_resume_refuses_another_conditioning_or_teacher(shakespeare_teacher_dir: Path, tmp_path: Path) -> None:
     """A Gumbel workdir resumed with another conditioning (a different parameter tree) or another
-    teacher checkpoint is refused with the fields listed, before anything is restored."""
+    teacher checkpoint is refused with the fields listed, before anything is restored. The run is a
+    causal student: the default suite's end-to-end causal Gumbel run (the slow smoke runs both)."""
     import shutil
 
     from discreteflow_jax.io import checkpoint as ckpt
@@ -526,6 +572,7 @@ def test_resume_refuses_another_conditioning_or_teacher(shakespeare_teacher_dir:
         c = _config("shakespeare_gumbel")
         c.teacher.checkpoint = str(teacher)
         c.gumbel.conditioning = conditioning
+        c.causal = True
         c.train.num_steps, c.train.ckpt_every, c.train.eval_every = 1, 1, 1
         c.sample.eval_steps = (1,)
         return c
@@ -533,13 +580,43 @@ def test_resume_refuses_another_conditioning_or_teacher(shakespeare_teacher_dir:
     other_teacher = tmp_path / "other_teacher"
     shutil.copytree(shakespeare_teacher_dir, other_teacher)
     first = config(shakespeare_teacher_dir, "cross_attention")
-    _run(first, tmp_path / "run", str(DATA))
+    out = _run(first, tmp_path / "run", str(DATA))
+    assert out["state"] is not None and np.isfinite(out["metrics"]["train/loss"])
     assert_teacher_nll_is_the_teachers_own_loss(first, tmp_path / "run", str(DATA))
     with pytest.raises(ckpt.CheckpointMismatchError) as err:
         _run(config(other_teacher, "x0"), tmp_path / "run", str(DATA))
     text = str(err.value)
     assert "gumbel.conditioning: checkpoint has 'cross_attention', this run has 'x0'" in text
     assert f"teacher.checkpoint: checkpoint has {str(shakespeare_teacher_dir)!r}" in text
+
+
+def test_causal_student_reads_no_later_position() -> None:
+    """A causal Gumbel student (config.causal=True): its logits at positions < k do not change when
+    x_t at positions >= k does (the cross-attention context held fixed), and a training step through
+    the task gives finite gradients."""
+    conditioning = "cross_attention"
+    c = _task_config(conditioning)
+    c.causal = True
+    task = gumbel_task(parse_config(c), teacher=_bundle(_tiny_llama()))
+    model = task.create_model(nnx.Rngs(0))
+    assert model.cfg.causal
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32))
+    later = x.at[:, 10:].add(jax.random.normal(jax.random.key(1), (2, 6, 32)))
+    t = jnp.full((2,), 0.3)
+    context = jax.random.normal(jax.random.key(2), (2, 16, 32))
+    tokens = jax.random.randint(jax.random.key(3), (4, 16), 0, V)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit  # one program: eager op-by-op execution would cost more than compiling
+    def run(params, aux):
+        m = nnx.merge(graphdef, params)
+        grads = jax.grad(lambda p: task.loss_fn(nnx.merge(graphdef, p), aux, tokens, jax.random.key(4))[0])(params)
+        return m(x, t, context), m(later, t, context), grads
+
+    a, b, grads = run(params, task.aux)
+    np.testing.assert_allclose(a[:, :10], b[:, :10], rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(a[:, 10:] - b[:, 10:]).max()) > 1e-3
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
 def test_auto_chunk_is_sized_per_device(monkeypatch) -> None:

@@ -58,3 +58,13 @@ def test_command_line_writes_the_plot(tmp_path, capsys):
     assert (tmp_path / "val_loss_by_t.png").stat().st_size > 1000
     assert plot_metrics.run([f"--workdir={tmp_path / 'nothing'}"]) == 2
     assert "training workdir" in capsys.readouterr().err
+
+
+def test_a_step_logged_twice_draws_its_last_value(tmp_path):
+    """A metrics.jsonl from before resumes rewrote it may hold a step twice: one point per step,
+    the later record's."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 10, "val/loss": 2.0}, {"step": 20, "val/loss": 1.5}, {"step": 20, "val/loss": 1.7},
+            {"step": 30, "val/loss": 1.4}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bucket_curves(str(path))["val/loss"] == [(10, 2.0), (20, 1.7), (30, 1.4)]

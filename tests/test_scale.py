@@ -255,6 +255,21 @@ def test_two_processes_checkpoint_and_resume(tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "samples")))[-1] == "step_0000006.txt"
 
 
+def test_two_processes_resume_small(tmp_path):
+    """The default suite's version of the slow test above: one device per process, a pure
+    data-parallel mesh, no samples, a checkpoint at step 2 that a second run of both processes resumes."""
+    workdir = str(tmp_path / "run")
+    results = run_two_processes(["run", "--layouts=2x1x1", f"--workdir={workdir}", "--steps=2,3", "--every=2",
+                                 "--sample_steps="], devices_each=1)
+    for result in results:
+        assert [(r["start"], r["step"]) for r in result["runs"]] == [(0, 2), (2, 3)]
+        assert result["checkpoints"][-1] == 3
+    assert results[0]["runs"][1]["loss"] == pytest.approx(results[1]["runs"][1]["loss"], rel=1e-6)
+    assert "metrics.jsonl" in results[0]["files"] and results[1]["files"] == []
+    steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps == sorted(steps) and steps[-1] == 3  # one trajectory, resumed where it stopped
+
+
 # -- bad inputs ------------------------------------------------------------------------------------
 def test_bad_inputs_fail_before_compiling_with_numbers():
     result = run_worker(["errors"], devices=8)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, load_config
+from conftest import REPO, load_config, record_network_inputs
 
 from discreteflow_jax.config.presets import set_fields
 from discreteflow_jax.io import checkpoint as ckpt
@@ -76,7 +76,16 @@ def test_train_resume_and_sample(tmp_path, data_dir, monkeypatch):
             assert f"=== step 6 K={k} sample {j} ===\n{model.tokenizer.decode_until_eos(row.tolist())}\n" in written
     out = export_workdir(workdir, str(tmp_path / "export"))
     assert os.path.isfile(os.path.join(out, "llama_tokenizer", "tokenizer.model"))
-    assert dfj.load(out).sample(1, 2, seed=0, prompt="ROMEO:")[0].startswith("ROMEO:")
+    # The exported model holds the prompt in the network's input at every step (the output copies
+    # known tokens back, so only the input shows that the prompt conditions the sample).
+    exported = dfj.load(out)
+    seen = record_network_inputs(monkeypatch)
+    assert exported.sample(1, 2, seed=0, prompt="ROMEO:", condition="clamp")[0].startswith("ROMEO:")
+    ids = exported.tokenizer.encode("ROMEO:")
+    e_prompt = np.asarray(exported.model().embed(jnp.asarray([ids], jnp.int32)))[0]
+    assert len(seen) == 2
+    for x, _ in seen:
+        np.testing.assert_allclose(x[0, :len(ids)], e_prompt, rtol=1e-5, atol=1e-6)
 
 
 def test_interrupted_run_matches_uninterrupted(tmp_path, data_dir, monkeypatch):
@@ -203,6 +212,24 @@ def test_logged_train_metrics_average_the_logging_window():
     assert out["train/loss_t0.0-0.5"] == pytest.approx(4.0 / 5.0)
     assert out["train/loss_t0.5-1.0"] == pytest.approx(36.0 / 10.0)
     assert out["train/grad_norm"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("num_buckets", [2, 10, 20, 30, 64, 100])
+def test_every_t_bucket_gets_its_own_metric(num_buckets):
+    """One metric per bucket: names that collide would overwrite each other's values."""
+    from discreteflow_jax.tasks.base import bucket_edges, summarize_flow
+
+    sums = {"loss_sum": 1.0, "tokens": 1.0, "bucket_loss_sum": np.arange(num_buckets, dtype=np.float64),
+            "bucket_tokens": np.ones(num_buckets)}
+    out = summarize_flow(sums, "val", num_buckets)
+    per_bucket = {k: v for k, v in out.items() if k.startswith("val/loss_t")}
+    assert len(set(bucket_edges(num_buckets))) == num_buckets
+    assert sorted(per_bucket.values()) == list(range(num_buckets))
+    # Names read as t ranges close to the true edges; ten buckets keep their familiar names.
+    lows = [float(name.split("-")[0]) for name in bucket_edges(num_buckets)]
+    np.testing.assert_allclose(lows, np.arange(num_buckets) / num_buckets, atol=0.5 / num_buckets)
+    if num_buckets == 10:
+        assert bucket_edges(10)[0] == "0.0-0.1" and bucket_edges(10)[-1] == "0.9-1.0"
 
 
 def test_grad_accumulation_equals_one_big_batch():

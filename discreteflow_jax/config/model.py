@@ -34,7 +34,7 @@ class TokenFlowConfig:
     time_features: int = 256
     rope_theta: float = 10000.0
     cross_attention: bool = False  # create cross-attention sub-layers (Gumbel "cross_attention")
-    context_dim: int = 0  # width of the cross-attention context; 0: dim
+    context_dim: int = 0  # width of the cross-attention context; 0: flow_width (the embedding width)
     dtype: str = "float32"  # activation dtype; parameters and logits stay fp32
     remat: str = "none"
     loss_chunk: int = 0  # training loss: tokens per chunk (per device) of the fused output+CE loop; 0: full logits

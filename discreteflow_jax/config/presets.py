@@ -39,7 +39,7 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     c.model.time_features = 256  # sinusoidal features of 1000·t
     c.model.rope_theta = 10000.0  # RoPE base
     c.model.cross_attention = False  # cross-attention sub-layers (only Gumbel "cross_attention" needs them)
-    c.model.context_dim = 0  # cross-attention context width; 0 = dim
+    c.model.context_dim = 0  # cross-attention context width; 0 = flow_width (flow_dim, or dim when that is 0)
     c.model.dtype = "float32"  # activation dtype: float32 | bfloat16 (params, logits, losses stay fp32)
     c.model.remat = "none"  # none | full | save_dots: recompute block activations in the backward pass
     # Training loss: tokens per chunk (per device) of the fused output-layer + cross-entropy loop, so

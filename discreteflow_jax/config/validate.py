@@ -26,6 +26,8 @@ from discreteflow_jax.config.schema import (
     TrainConfig,
 )
 
+MAX_BUCKETS = 100  # flow.num_buckets: one logged metric per bucket and loss
+
 
 def _get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
     node = cfg
@@ -183,6 +185,10 @@ def validate_train(train: TrainConfig) -> None:
 def validate_flow(flow_cfg: FlowConfig) -> None:
     """The training-time flow settings; a degenerate time sampler would train on one t only."""
     _positive(flow_cfg.num_buckets, "flow.num_buckets")
+    if flow_cfg.num_buckets > MAX_BUCKETS:
+        # Every bucket is a logged metric per loss; more would flood the logs without resolving t better.
+        raise ConfigError(f"config.flow.num_buckets={flow_cfg.num_buckets} must be at most {MAX_BUCKETS} "
+                          "(each t-bucket is its own logged metric)")
     if flow_cfg.time_sampler == "power":
         _greater_than_zero(flow_cfg.time_param, "flow.time_param",
                            " for time_sampler='power' (t = u**p; p <= 0 puts every t at 1)")

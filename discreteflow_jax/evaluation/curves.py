@@ -11,17 +11,19 @@ from typing import Any
 
 
 def bucket_curves(metrics_path: str, prefix: str = "val") -> dict[str, list[tuple[int, float]]]:
-    """{metric name: [(step, value), ...]} for the mean loss, every t-bucket and the context gain."""
+    """{metric name: [(step, value), ...]} for the mean loss, every t-bucket and the context gain,
+    sorted by step. A step recorded twice (a file written before resumes rewrote it) keeps its
+    last value: the later record is the trajectory the run continued."""
     if not os.path.exists(metrics_path):
         raise FileNotFoundError(f"{metrics_path} does not exist; is this a training workdir?")
-    curves: dict[str, list[tuple[int, float]]] = {}
+    by_step: dict[str, dict[int, float]] = {}
     with open(metrics_path) as f:
         for line in f:
             row = json.loads(line)
             for key, value in row.items():
                 if key == f"{prefix}/loss" or key.startswith((f"{prefix}/loss_t", f"{prefix}/context_gain")):
-                    curves.setdefault(key, []).append((int(row["step"]), float(value)))
-    return curves
+                    by_step.setdefault(key, {})[int(row["step"])] = float(value)
+    return {key: sorted(points.items()) for key, points in by_step.items()}
 
 
 def plot(curves: dict[str, list[tuple[int, float]]], out: str, reference: float | None = None) -> str:

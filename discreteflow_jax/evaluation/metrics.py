@@ -74,6 +74,19 @@ def sample_statistics(samples: Sequence[Sequence[int]], ngram: int = 4) -> dict[
     }
 
 
+OBJECTIVES = {"flow": "flow cross-entropy", "logit": "KL to the teacher", "teacher": "next-token NLL"}
+
+
+def validation_objective(model: Any) -> str:
+    """What ``validation_loss(model)["loss"]`` measures: the flow cross-entropy of a flow model, the
+    KL to the teacher's conditional of a logit-channel student, a teacher's next-token NLL. Values of
+    different objectives are not comparable."""
+    if is_autoregressive(model):
+        return OBJECTIVES["teacher"]
+    gumbel = (model.config.extra.get("gumbel") or {}) if model.kind == "gumbel" else {}
+    return OBJECTIVES["logit" if gumbel.get("logit_channel") else "flow"]
+
+
 def validation_loss(model: Any, dataset: Any) -> dict[str, float]:
     """The validation metrics training logs (same windows, same eval key): flow loss and its
     t-buckets for flow models, next-token loss and perplexity for teachers."""

@@ -53,9 +53,9 @@ def cached_cell(out_dir: str, key: str, identity: dict, fn: Any) -> dict:
 
 
 CSV_FIELDS = ("model", "kind", "causal", "K", "stagger", "gen_ppl", "nll", "nll_se", "entropy", "entropy_std", "rep",
-              "mean_length", "num_empty", "scored_tokens", "num_samples", "length", "val_loss", "sample_s",
-              "dtype", "step", "path", "mauve", "matched_gen_ppl", "matched_temperature", "matched_target_entropy",
-              "shuffled_gen_ppl")
+              "mean_length", "num_empty", "scored_tokens", "num_samples", "length", "val_loss", "val_objective",
+              "sample_s", "dtype", "step", "path", "mauve", "matched_gen_ppl", "matched_temperature",
+              "matched_target_entropy", "shuffled_gen_ppl")
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -123,14 +123,16 @@ def markdown_tables(report: dict) -> str:
                      f"{_fmt(r[rep], 3)} | {_fmt(r.get('mauve'), 3)} | {matched} |")
     val = report.get("val_losses", {})
     if val:
-        lines += ["", "**Validation loss** (each model's own objective: flow cross-entropy for flow models, the "
-                  "first t-bucket being where the network does the work; next-token NLL for teachers)", "",
-                  "| model | kind | val loss | val loss at t < 0.1 |", "|---|---|---:|---:|"]
+        lines += ["", "**Validation loss** (each model's own training objective, named per row; values of "
+                  "different objectives are not comparable. The first t-bucket is where a flow network does "
+                  "the work)", "",
+                  "| model | kind | objective | val loss | val loss at t < 0.1 |", "|---|---|---|---:|---:|"]
         kinds = {r["model"]: r["kind"] + (" causal" if r.get("causal") and r["kind"] != "teacher" else "")
                  for r in rows}
+        objectives = report.get("val_objectives", {})
         for name, v in val.items():
-            lines.append(f"| {name} | {kinds.get(name, '')} | {_fmt(v.get('loss'), 3)} | "
-                         f"{_fmt(v.get('loss_t0.0-0.1'), 3)} |")
+            lines.append(f"| {name} | {kinds.get(name, '')} | {objectives.get(name, '–')} | "
+                         f"{_fmt(v.get('loss'), 3)} | {_fmt(v.get('loss_t0.0-0.1'), 3)} |")
     return "\n".join(lines) + "\n"
 
 

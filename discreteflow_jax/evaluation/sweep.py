@@ -6,9 +6,11 @@ Autoregressive models among the models (teachers) are sampled once (K does not a
 1 by default) and scored the same way: the reference point. Real validation windows of the same
 length are scored as a second reference. Fixed seeds, no selection: every flow model samples
 ``num_samples`` sequences at every K from the same seed (batch i uses ``batch_seed(seed, i)``).
-All samples are cut to one common length (the shortest model's: a teacher spends one context slot
-on BOS), so entropies are comparable. Finished cells are cached in ``<out>/cells`` and reused only
-when their settings, scorer and checkpoint step are identical.
+All samples are cut to one common length, so entropies are comparable: one token less than the
+shortest context among the models (the slot a teacher spends on BOS), so that adding a teacher of
+the same context leaves the length, and so every cached cell, as it is. Finished cells are cached in
+``<out>/cells`` and reused only when their settings, scorer, length and checkpoint step are identical.
+Each model's validation loss is its own training objective, named per row (``val_objective``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ import numpy as np
 
 from discreteflow_jax.data.tokenizers import Tokenizer
 from discreteflow_jax.evaluation.genppl import Scorer
-from discreteflow_jax.evaluation.metrics import sample_statistics, truncate_at_eos, validation_loss
+from discreteflow_jax.evaluation.metrics import (
+    sample_statistics,
+    truncate_at_eos,
+    validation_loss,
+    validation_objective,
+)
 from discreteflow_jax.evaluation.quality import mauve_score, search_temperature, shuffle_positions
 from discreteflow_jax.evaluation.report import cached, cached_cell, cell_key, write_report
 from discreteflow_jax.flow import TIME_GRIDS
@@ -76,7 +83,8 @@ class SweepSettings:
 def draw_samples(model: Any, steps: int | None, settings: SweepSettings, length: int,
                  temperature: float | None = None) -> np.ndarray:
     """[num_samples, length] token ids, in batches of ``settings.batch_size`` with per-batch seeds
-    (``inference.batches.sample_batches``: ``python -m discreteflow_jax.sample`` draws the same rows)."""
+    (``inference.batches.sample_batches``: ``python -m discreteflow_jax.sample`` draws the same rows
+    when given the same K, seed, batch size, temperature, schedule and stagger)."""
     if is_autoregressive(model):
         tau = settings.teacher_temperature if temperature is None else temperature
         kwargs: dict[str, Any] = {"temperature": tau, "length": model.sample_length}
@@ -225,7 +233,7 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
     loaded = {name: load(path, data_dir) for name, path in models.items()}
     if not any(is_autoregressive(m) for m in loaded.values()):
         log.warning("no autoregressive teacher among --models: the table will have no teacher reference")
-    length = settings.length or min(m.sample_length for m in loaded.values())
+    length = settings.length or default_length(loaded.values())
     too_short = [n for n, m in loaded.items() if m.sample_length < length]
     if too_short:
         raise ValueError(f"--length={length} is longer than the samples of {', '.join(too_short)}")
@@ -233,7 +241,9 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
 
     rows: list[dict[str, Any]] = []
     val_losses: dict[str, dict[str, float]] = {}
-    first = next(iter(loaded.values()))
+    objectives = {name: validation_objective(model) for name, model in loaded.items()}
+    # Real text from a flow model's data when there is one: the listing order of teachers does not matter.
+    first = next((m for m in loaded.values() if not is_autoregressive(m)), next(iter(loaded.values())))
     dataset = _dataset_for(first, data_dir)
     ref_identity = {"settings": dataclasses.asdict(settings) | {"steps": None}, "scorer": scorer.name,
                     "length": length, "data": first.config.raw.get("data")}
@@ -258,6 +268,7 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
                                lambda m=model, n=name, k=k: evaluate_cell(m, n, k, scorer, settings, length,
                                                                           reference))
             cell["val_loss"] = val_losses[name].get("loss", math.nan)
+            cell["val_objective"] = objectives[name]
             rows.append(cell)
             log.info("%s K=%s: Gen-PPL %.2f entropy %.3f rep%d %.3f MAUVE %s matched Gen-PPL %s", name,
                      cell["K"] or "-", cell["gen_ppl"], cell["entropy"], settings.ngram, cell[f"rep{settings.ngram}"],
@@ -266,10 +277,17 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
     report = {
         "settings": dataclasses.asdict(settings), "length": length, "scorer": scorer.name,
         "sampling_dtype": {name: model_description(name, m).get("dtype", "float32") for name, m in loaded.items()},
-        "backend": jax.default_backend(), "rows": rows, "val_losses": val_losses,
+        "backend": jax.default_backend(), "rows": rows, "val_losses": val_losses, "val_objectives": objectives,
     }
     write_report(report, out_dir)
     return report
+
+
+def default_length(models: Any) -> int:
+    """One token less than the shortest context among ``models`` (and no more than any model samples):
+    a teacher spends one context slot on BOS, so its samples are that long, and adding it to a sweep
+    of flow models with the same context changes neither the length nor their cached cells."""
+    return min(min(m.sample_length, m.seq_len - 1) for m in models)
 
 
 def _dataset_for(model: Any, data_dir: str | None) -> Any:

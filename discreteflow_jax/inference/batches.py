@@ -1,6 +1,11 @@
 """Many samples from one loaded model, drawn in fixed-size batches with reproducible per-batch
-seeds: plain samples (``sample_batches``, ``sample_texts``: the sampling command line and the sweep
-draw the same rows for the same seed) and continuations of given prefixes (``continue_prefixes``).
+seeds: plain samples (``sample_batches``, ``sample_texts``) and continuations of given prefixes
+(``continue_prefixes``).
+
+The sampling command line and the sweep draw the same rows for the same seed, batch size, K and
+sampling settings. Their defaults differ: ``sample`` takes the temperature, time grid and stagger
+of the model's config (``sample.*``), the sweep its own flags (flow temperature 1, uniform grid);
+pass them explicitly to reproduce a sweep cell with ``sample``.
 """
 
 from __future__ import annotations

@@ -46,7 +46,15 @@ class Task:
 
 
 def bucket_edges(num_buckets: int) -> list[str]:
-    return [f"{i / num_buckets:.1f}-{(i + 1) / num_buckets:.1f}" for i in range(num_buckets)]
+    """Names of the equal t-buckets, "lo-hi" with the fewest decimals (at least one) that keep every
+    edge distinct: 10 buckets give 0.0-0.1 … 0.9-1.0, 20 give 0.00-0.05 … 0.95-1.00. Colliding names
+    would make the per-bucket metrics overwrite each other."""
+    edges = [i / num_buckets for i in range(num_buckets + 1)]
+    decimals = 1
+    while len({f"{e:.{decimals}f}" for e in edges}) < len(edges):
+        decimals += 1
+    names = [f"{e:.{decimals}f}" for e in edges]
+    return [f"{lo}-{hi}" for lo, hi in zip(names[:-1], names[1:])]
 
 
 def summarize_flow(sums: dict, prefix: str, num_buckets: int) -> dict[str, float]:

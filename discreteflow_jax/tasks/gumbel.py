@@ -81,7 +81,9 @@ def summarize_gumbel(sums: dict, prefix: str, num_buckets: int) -> dict[str, flo
     out = summarize_flow(sums, prefix, num_buckets)
     tokens = max(float(sums["tokens"]), 1.0)
     if "teacher_nll_sum" in sums:
-        out[f"{prefix}/teacher_nll"] = float(sums["teacher_nll_sum"]) / tokens
+        # The teacher NLL covers every target; ``tokens`` excludes the known positions.
+        teacher_tokens = max(float(sums.get("teacher_tokens", sums["tokens"])), 1.0)
+        out[f"{prefix}/teacher_nll"] = float(sums["teacher_nll_sum"]) / teacher_tokens
     if "gumbel_agree_sum" in sums:
         out[f"{prefix}/gumbel_agree"] = float(sums["gumbel_agree_sum"]) / tokens
         per_bucket, n_bucket = np.asarray(sums["bucket_agree_sum"]), np.asarray(sums["bucket_tokens"])

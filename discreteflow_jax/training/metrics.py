@@ -35,6 +35,43 @@ class MetricWriter:
         except ImportError:  # TensorBoard output is optional; metrics.jsonl always exists
             self._tb = None
 
+    def discard_after(self, step: int) -> list[int]:
+        """Before training resumes from ``step``: the records of later steps (a trajectory the
+        resume discards, after a checkpoint fallback or ``--resume_step``) leave ``metrics.jsonl``,
+        which is rewritten atomically, and are appended to ``metrics_discarded.jsonl`` (kept, like
+        the set-aside checkpoints). TensorBoard drops its later events too. Returns the dropped steps."""
+        if not self.enabled:
+            return []
+        lines = self._remote_lines if self._remote is not None else self._read_local()
+        kept, dropped = split_records(lines, step)
+        if not dropped:
+            return []
+        if self._remote is not None:
+            discarded = self._remote.parent / DISCARDED_FILE
+            old = discarded.read_text() if discarded.exists() else ""
+            discarded.write_text(old + "".join(dropped))
+            self._remote_lines = kept
+            self._remote.write_text("".join(kept))
+        else:
+            path = self._jsonl.name
+            with open(os.path.join(os.path.dirname(path), DISCARDED_FILE), "a") as f:
+                f.writelines(dropped)
+            self._jsonl.close()
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)  # a crash leaves the old file or the new, never half
+            self._jsonl = open(path, "a")
+        if self._tb is not None:  # purge_step: TensorBoard hides the events of steps >= it
+            logdir = self._tb.logdir
+            self._tb.close()
+            self._tb = _summary_writer_class()(logdir, purge_step=step + 1)
+        return sorted({_record_step(line) for line in dropped} - {None})
+
+    def _read_local(self) -> list[str]:
+        self._jsonl.flush()
+        with open(self._jsonl.name) as f:
+            return f.readlines()
+
     def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -62,6 +99,26 @@ class MetricWriter:
     def flush(self) -> None:
         if self.enabled and self._tb is not None:
             self._tb.flush()
+
+
+DISCARDED_FILE = "metrics_discarded.jsonl"
+
+
+def _record_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def split_records(lines: list[str], step: int) -> tuple[list[str], list[str]]:
+    """(records of steps <= ``step``, the others). A line that does not parse (cut short by a crash
+    while writing) goes with the others."""
+    kept, dropped = [], []
+    for line in lines:
+        s = _record_step(line)
+        (kept if s is not None and s <= step and line.endswith("\n") else dropped).append(line)
+    return kept, dropped
 
 
 def _summary_writer_class() -> type:

@@ -23,7 +23,7 @@ from discreteflow_jax.io import checkpoint as ckpt
 from discreteflow_jax.models import sharding as shd
 from discreteflow_jax.tasks.base import Task
 from discreteflow_jax.training import distributed as dist
-from discreteflow_jax.training.metrics import MetricWriter, eta_seconds, format_progress
+from discreteflow_jax.training.metrics import DISCARDED_FILE, MetricWriter, eta_seconds, format_progress
 from discreteflow_jax.training.optim import learning_rate, make_optimizer
 from discreteflow_jax.training.steps import (
     TrainState,
@@ -276,6 +276,10 @@ class Trainer:
         cfg = self.cfg
         state = self.restore_or_init()
         start = int(jax.device_get(state.step))
+        dropped = self.writer.discard_after(start)
+        if dropped:
+            log.warning("metrics.jsonl: moved the records of steps %s (a trajectory the resume from step %d "
+                        "discards) to %s", ", ".join(map(str, dropped)), start, DISCARDED_FILE)
         if start == 0:
             self.writer.write_hparams(cfg.raw)
         log.info(
