@@ -164,15 +164,16 @@ def evaluate_cell(model: Any, name: str, steps: int | None, scorer: Scorer, sett
 
 def validation_windows(dataset: Any, settings: SweepSettings, length: int, held_out: bool = False) -> np.ndarray:
     """num_samples real validation windows cut to ``length``, evenly spread. ``held_out``: windows
-    that share no token with those (each starts half-way between two of them): MAUVE's real text,
+    that share no token with those (each starts half-way between two of them, so there is one
+    fewer): MAUVE's real text,
     so that the reference row's MAUVE compares two disjoint sets of real text."""
     if not held_out:
         return np.asarray(dataset.val_batches(settings.num_samples, 1)[0])[:, :length]
     if hasattr(dataset, "val_offsets") and hasattr(dataset, "val_tokens"):
         offsets = np.asarray(dataset.val_offsets(settings.num_samples, 1)[0])
         gap = int(np.min(np.diff(offsets))) if len(offsets) > 1 else 0
-        if gap >= 2 * length:
-            starts = offsets + gap // 2
+        if gap >= 2 * length:  # half-way between neighbours: one window fewer than the reference set
+            starts = offsets[:-1] + gap // 2
             return np.asarray(dataset.val_tokens)[starts[:, None] + np.arange(length)]
     # Other datasets: a second batch of windows (they can overlap the first where the split is short).
     return np.asarray(dataset.val_batches(settings.num_samples, 2)[1])[:, :length]
