@@ -105,7 +105,7 @@ def conditional_sample(
     noise, noise_tau = None, 0.0
     if gumbel is not None and gumbel.logit_channel:
         noise, noise_tau = gmb.logit_noise(model, key, *known_tokens_BT.shape, gumbel), gumbel.logit_tau
-        context = gmb.g_channel_context(model, noise, gumbel, context)
+        context = gmb.g_channel_context(model, key, *known_tokens_BT.shape, gumbel, context)
     e_known = model.embed(known_tokens_BT)
     mask = known_mask_BT[..., None]
 

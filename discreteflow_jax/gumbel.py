@@ -172,8 +172,10 @@ def chunked_context(
     chunk: int,
     tau: float,
     remat: bool,
+    reduce: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Runs ``softmax(noise/τ)·E`` over chunks of positions, one ``lax.map`` iteration per chunk.
+    """Runs ``softmax(noise/τ)·E`` (or ``reduce(noise)``) over chunks of positions, one ``lax.map``
+    iteration per chunk.
 
     ``noise_fn(start, positions)`` gives (noise [B, C, V], a per-position statistic [B, C]) for
     positions start..start+C−1. Returns ([B, T, d], [B, T]). With ``remat`` a chunk is recomputed
@@ -185,7 +187,7 @@ def chunked_context(
     def one(ci: jax.Array) -> tuple[jax.Array, jax.Array]:
         start = ci * chunk
         noise, stat = noise_fn(start, start + jnp.arange(chunk))
-        return reduce_noise(noise, emb_VD, tau), stat
+        return (reduce_noise(noise, emb_VD, tau) if reduce is None else reduce(noise)), stat
 
     if remat:
         one = jax.checkpoint(one, policy=jax.checkpoint_policies.nothing_saveable)
@@ -350,7 +352,7 @@ def sample_gumbel_flow(
     """Tokens [B, T] from a Gumbel-conditioned TokenFlow in ``len(grid) − 1`` flow steps (any K ≥ 1)."""
     x0, context = gumbel_source(model, key, batch, seq_len, gumbel)
     noise = logit_noise(model, key, batch, seq_len, gumbel)
-    context = g_channel_context(model, noise, gumbel, context)
+    context = g_channel_context(model, key, batch, seq_len, gumbel, context)
     return flow.sample_flow(
         model, x0, grid, context=context, temperature=temperature, logit_noise=noise, noise_tau=gumbel.logit_tau,
         stagger=stagger,
@@ -366,14 +368,23 @@ def logit_noise(model: TokenFlow, key: jax.Array, batch: int, seq_len: int, gumb
     return gumbel.sample_temperature * sample_prior(g_key, batch, seq_len, model.cfg.vocab_size)
 
 
-def g_channel_context(model: Any, noise: jax.Array | None, gumbel: GumbelConfig, context: jax.Array | None
-                      ) -> jax.Array | None:
+def g_channel_context(model: Any, key: jax.Array, batch: int, seq_len: int, gumbel: GumbelConfig,
+                      context: jax.Array | None) -> jax.Array | None:
     """The G channel's input for sampling (a warm student with ``g_channel``): its features of the
-    prior G the logit channel adds (``noise`` = sample_temperature·G; the channel reads G itself, as
-    in training). Otherwise ``context`` unchanged."""
-    if noise is None or getattr(model.cfg, "g_channel", "none") == "none":
+    prior G that the logit channel adds (the same draws; the channel reads G itself, unscaled, as in
+    training), reduced a chunk of positions at a time (no [B, T, V] tensor). Otherwise ``context``."""
+    if not gumbel.logit_channel or getattr(model.cfg, "g_channel", "none") == "none":
         return context
-    return model.g_features(noise / gumbel.sample_temperature)
+    g_key = jax.random.split(key)[0]  # the key logit_noise draws from
+    vocab = model.cfg.vocab_size
+    chunk = resolve_chunk(seq_len, batch, vocab, gumbel.chunk_size)
+
+    def noise_fn(start: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        xi = jax.vmap(lambda p: prior_draw(g_key, p, batch, vocab), out_axes=1)(positions)
+        return xi, jnp.zeros((batch, positions.shape[0]), jnp.float32)
+
+    return chunked_context(noise_fn, None, seq_len=seq_len, chunk=chunk, tau=1.0, remat=False,
+                           reduce=model.g_features)[0]
 
 
 def make_sampler(
