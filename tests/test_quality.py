@@ -62,7 +62,7 @@ def test_mauve_separates_same_and_different_distributions() -> None:
     assert mauve_score(shifted, real) < 0.1
 
 
-def test_scorer_features_are_the_last_tokens_final_normed_state() -> None:
+def test_scorer_features_are_final_normed_states_after_each_token() -> None:
     from discreteflow_jax.evaluation.genppl import Scorer
     from discreteflow_jax.models.llama import Llama, LlamaConfig
 
@@ -70,13 +70,16 @@ def test_scorer_features_are_the_last_tokens_final_normed_state() -> None:
                   rngs=nnx.Rngs(0))
     scorer = Scorer(llama, tokenizer=None, bos_id=1, batch_size=2)  # features read token ids only
     seqs = [[5, 6, 7], [9], list(range(10, 22))]  # the last is longer than the context: cut to max_len − 1
-    feats = scorer.features(seqs)
-    assert feats.shape == (3, 16)
-    for row, ids in zip(feats, seqs):
+    every = scorer.features(seqs)
+    last = scorer.features(seqs, every_position=False)
+    assert every.shape == (3 + 1 + 7, 16) and last.shape == (3, 16)
+    start = 0
+    for j, ids in enumerate(seqs):
         ids = ids[:7]
-        h = llama.hidden(jnp.asarray([[1] + ids]))
-        want = np.asarray(llama.final_norm(h[:, -1]))[0]
-        np.testing.assert_allclose(row, want, atol=1e-5)
+        want = np.asarray(llama.final_norm(llama.hidden(jnp.asarray([[1] + ids]))))[0, 1:]
+        np.testing.assert_allclose(every[start : start + len(ids)], want, atol=1e-5)
+        np.testing.assert_allclose(last[j], want[-1], atol=1e-5)
+        start += len(ids)
 
 
 def test_shuffle_positions_keeps_marginals_and_breaks_pairs() -> None:

@@ -71,14 +71,12 @@ class Scorer:
 
         self._row_nll = jax.jit(row_nll)
 
-        def last_features(params, inputs_BT, last_B):
+        def position_features(params, inputs_BT):
             module = nnx.merge(graphdef, params)
-            h = module.hidden(inputs_BT)
-            h_last = jnp.take_along_axis(h, last_B[:, None, None], axis=1)[:, 0]
             norm = module.ln_f if hasattr(module, "ln_f") else module.final_norm
-            return norm(h_last).astype(jnp.float32)
+            return norm(module.hidden(inputs_BT)).astype(jnp.float32)
 
-        self._last_features = jax.jit(last_features)
+        self._position_features = jax.jit(position_features)
 
     def __repr__(self) -> str:
         return f"Scorer({self.name!r}, tokenizer={self.tokenizer.name}, max_len={self.max_len})"
@@ -170,9 +168,12 @@ class Scorer:
                     counts[j] += len(ids)
         return nll, counts
 
-    def features(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        """[N, D] fp32 text features (MAUVE's): the final-normed hidden state at each sequence's last
-        token, reading [BOS] + the first max_len − 1 scorer token ids."""
+    def features(self, sequences: Sequence[Sequence[int]], every_position: bool = True) -> np.ndarray:
+        """Text features for MAUVE: the scorer's final-normed hidden state after each token
+        ([sum of lengths, D], every position of every sequence) or after each sequence's last token
+        ([N, D]); reading [BOS] + the first max_len − 1 scorer token ids. Per-position features see
+        whether each prefix reads like text; the last token alone hardly separates word salad from
+        real text when only a few dozen texts are compared (docs/sampling.md)."""
         width = self.max_len
         b = self.batch_size
         out = []
@@ -180,12 +181,13 @@ class Scorer:
             for start in range(0, len(sequences), b):
                 chunk = [list(map(int, s))[: width - 1] for s in sequences[start : start + b]]
                 inputs = np.zeros((b, width), np.int32)
-                last = np.zeros((b,), np.int32)
                 for r, ids in enumerate(chunk):
                     inputs[r, 0] = self.bos_id
                     inputs[r, 1 : 1 + len(ids)] = ids
-                    last[r] = len(ids)
-                out.append(np.asarray(self._last_features(self.params, inputs, last))[: len(chunk)])
+                feats = np.asarray(self._position_features(self.params, inputs))
+                for r, ids in enumerate(chunk):
+                    rows = feats[r, 1 : 1 + len(ids)] if every_position else feats[r, len(ids) : len(ids) + 1]
+                    out.append(rows)
         return np.concatenate(out, axis=0) if out else np.zeros((0, 0), np.float32)
 
     def score(self, samples: Sequence[Sequence[int]], tokenizer: Tokenizer) -> dict[str, Any]:

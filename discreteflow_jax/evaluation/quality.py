@@ -7,10 +7,11 @@ with each position's tokens shuffled across samples (``shuffle_positions``).
 Gen-PPL alone rewards low-entropy samples: lowering the temperature lowers it without the samples
 getting any better. Two numbers answer that:
 
-* **MAUVE** compares the distribution of samples with that of real text in a feature space (here:
-  the scorer's final-normed hidden state at each text's last token, the way MAUVE's reference code
-  uses GPT-2-large's). Values are comparable within one table (same scorer, same number of texts),
-  not with published numbers computed with GPT-2-large features.
+* **MAUVE** compares the distribution of samples with that of real text in a feature space: here
+  the scorer's final-normed hidden state after *every* token of every text (a few thousand vectors
+  per side instead of one per text: with 64 texts, one last-token vector each, word salad and real
+  text were not told apart, docs/sampling.md). Values are comparable within one table (same
+  scorer, same number of texts), not with published numbers (one GPT-2-large vector per text).
 * **Matched-entropy Gen-PPL**: the sampling temperature is searched (secant steps on log τ) until the
   samples' mean unigram entropy brackets real text's, and log Gen-PPL is interpolated linearly in
   entropy between the two bracketing temperatures. A model that only reaches a low Gen-PPL by
@@ -40,7 +41,7 @@ def mauve_score(sample_features: np.ndarray, text_features: np.ndarray, *, seed:
     q = np.asarray(text_features, np.float32)
     if len(p) < 2 or len(q) < 2:
         raise ValueError(f"MAUVE needs at least 2 texts on each side, got {len(p)} samples and {len(q)} texts")
-    # Few texts per side: one cluster per ~10 texts (the package's own 'auto' rule), at least 2.
+    # One cluster per ~10 vectors (the package's own 'auto' rule), at least 2.
     buckets = max(2, min(len(p), len(q)) // 10)
     out = mauve.compute_mauve(p_features=p, q_features=q, num_buckets=buckets, seed=seed, verbose=False)
     return float(out.mauve)
