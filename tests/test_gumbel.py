@@ -560,6 +560,51 @@ def test_fineweb_gumbel_smoke(tiny_gpt2_dir: Path, tmp_path: Path, causal: bool)
     assert_teacher_nll_is_the_teachers_own_loss(c, tmp_path / "run", str(DATA))
 
 
+def test_hf_gpt2_teacher_run_small(tmp_path: Path) -> None:
+    """The default suite's GPT-2 teacher run: a random one-layer Hugging Face GPT-2 (transformers,
+    the real 50257-token vocabulary) saved locally, one FineWeb Gumbel step on local documents; the
+    logged teacher NLL is the PyTorch model's own next-token loss on the validation windows."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if not (DATA / "gpt2_tokenizer").exists() or not (DATA / "tiny_shakespeare" / "input.txt").exists():
+        pytest.skip(f"offline data folder not found at {DATA}")
+    from discreteflow_jax.training import experiment
+    from discreteflow_jax.training.steps import validation_batches
+
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(vocab_size=50257, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                                        bos_token_id=50256, eos_token_id=50256)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():  # a larger init than HF's: the teacher's NLL then differs from log V
+        for param in hf.parameters():
+            if param.ndim > 1:
+                param.normal_(0.0, 0.3)
+    hf.save_pretrained(tmp_path / "gpt2")
+    text = (DATA / "tiny_shakespeare" / "input.txt").read_text()[:20000]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": part}) + "\n" for part in text.split("\n\n")))
+    c = _config("fineweb_gumbel")
+    c.teacher.hf, c.data.local_path = str(tmp_path / "gpt2"), str(docs)
+    c.model.num_layers, c.train.num_steps, c.train.eval_every, c.train.ckpt_every = 1, 1, 1, 1
+    c.sample.eval_steps = ()  # the sampler does not use the teacher
+    out = _run(c, tmp_path / "run", str(DATA))
+    assert np.isfinite(out["metrics"]["train/loss"])
+
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [x for x in lines if "val/teacher_nll" in x][-1]["val/teacher_nll"]
+    cfg, _, dataset = experiment.prepare(c, str(DATA))
+    nll = []
+    for batch in validation_batches(dataset, cfg.train.batch_size, cfg.train.eval_batches):
+        tokens = torch.as_tensor(np.asarray(batch), dtype=torch.long)
+        inputs = torch.cat([torch.full((tokens.shape[0], 1), 50256), tokens[:, :-1]], dim=1)
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(inputs).logits.double(), dim=-1)
+        nll.append(-logp.gather(-1, tokens[..., None])[..., 0].numpy().ravel())
+    expected = float(np.concatenate(nll).mean())
+    assert abs(expected - math.log(50257)) > 0.1  # a teacher that is not uniform
+    assert logged == pytest.approx(expected, rel=1e-4)
+
+
 def test_resume_refuses_another_conditioning_or_teacher(shakespeare_teacher_dir: Path, tmp_path: Path) -> None:
     """A Gumbel workdir resumed with another conditioning (a different parameter tree) or another
     teacher checkpoint is refused with the fields listed, before anything is restored. The run is a

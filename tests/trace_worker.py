@@ -4,6 +4,7 @@ process: the train step, the validation step and one sampler, lowered against ab
 ``--xla_force_host_platform_device_count=8``; prints one JSON line per config.
 
     python tests/trace_worker.py shakespeare_baseline fineweb_gumbel ...
+    python tests/trace_worker.py --layers=1 fineweb_gumbel   (full widths, shapes and mesh; one layer)
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ def place_abstract(tree, mesh, *, strict: bool = False):
     return placed, shardings
 
 
-def trace(name: str, workdir: str) -> dict:
+def trace(name: str, workdir: str, layers: int | None = None) -> dict:
     start = time.time()
-    cfg = parse_config(load_config(name, None))
+    config = load_config(name, None)
+    if layers is not None:  # the reduced trace: every size of the full variant except the depth
+        config.model.num_layers = layers
+    cfg = parse_config(config)
     kwargs = {}
     if cfg.task == "gumbel":
         shd.shard_params = place_abstract  # the teacher stays abstract (no 124M-parameter arrays)
@@ -73,14 +77,17 @@ def trace(name: str, workdir: str) -> dict:
                              trainer.abstract_state.params)
         sample_shape = list(out.shape)
     return {"config": name, "devices": jax.device_count(), "mesh": dict(trainer.mesh.shape),
-            "params": trainer.num_params, "sample_shape": sample_shape, "seconds": round(time.time() - start, 1)}
+            "params": trainer.num_params, "seq_len": cfg.data.seq_len, "batch": cfg.train.batch_size,
+            "sample_shape": sample_shape, "seconds": round(time.time() - start, 1)}
 
 
-def main(names: list[str]) -> None:
+def main(args: list[str]) -> None:
+    layers = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--layers=")), None)
+    names = [a for a in args if not a.startswith("--")]
     real_shard_params = shd.shard_params
     for name in names:
         with tempfile.TemporaryDirectory() as workdir:
-            result = trace(name, workdir)
+            result = trace(name, workdir, layers)
         shd.shard_params = real_shard_params
         print(json.dumps(result), flush=True)
 
