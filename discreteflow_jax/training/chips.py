@@ -26,13 +26,15 @@ class Chip:
     peak_bf16_tflops: float
     megacore: bool  # two TensorCores presented as one device (JAX meshes need one device per chip)
     accelerator_prefix: str  # --accelerator-type of `gcloud compute tpus tpu-vm create`
+    device_kinds: tuple[str, ...]  # jax's device.device_kind for it (substrings; specific first)
 
 
+# Ordered so that matching device kinds as substrings finds "TPU v5 lite" before "TPU v5".
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", 32.0, 275.0, True, "v4"),
-    "v5e": Chip("v5e", 16.0, 197.0, False, "v5litepod"),
-    "v5p": Chip("v5p", 95.0, 459.0, True, "v5p"),
-    "v6e": Chip("v6e", 32.0, 918.0, False, "v6e"),
+    "v4": Chip("v4", 32.0, 275.0, True, "v4", ("TPU v4",)),
+    "v5e": Chip("v5e", 16.0, 197.0, False, "v5litepod", ("TPU v5 lite", "TPU v5e")),
+    "v5p": Chip("v5p", 95.0, 459.0, True, "v5p", ("TPU v5p", "TPU v5")),
+    "v6e": Chip("v6e", 32.0, 918.0, False, "v6e", ("TPU v6 lite", "TPU v6e")),
 }
 
 # Chips -> topology of the common slice sizes: 3-D tori for v4/v5p, 2-D for v5e/v6e.
