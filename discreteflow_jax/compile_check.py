@@ -14,23 +14,17 @@ message names what to change); 2: a bad flag or config (one line, before anythin
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import sys
 
-# Before JAX is imported: no TPU metadata server is asked for (there is none off a TPU VM), and the
-# host's own backend is the CPU, so a TPU VM's chips stay free for the training that follows.
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from absl import flags
+from ml_collections import config_flags
 
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from discreteflow_jax import cli  # noqa: E402
-from discreteflow_jax.config import parse_config  # noqa: E402
-from discreteflow_jax.training import chips  # noqa: E402
+from discreteflow_jax import cli
+from discreteflow_jax.config import parse_config
+from discreteflow_jax.training import chips
 
 NOT_FIT = 1  # exit status: a program does not fit the HBM or does not compile
 
@@ -100,6 +94,10 @@ def print_report(report) -> None:
 def main(argv: list[str]) -> int:
     if (error := cli.positional_error(argv)) is not None:
         return error
+    # Before JAX starts (this module imports none of it): no TPU metadata server is asked for (there is
+    # none off a TPU VM), and the host's own backend is the CPU, so a TPU VM's chips stay free.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from discreteflow_jax.training import aot
     from discreteflow_jax.training.experiment import USER_ERRORS
 

@@ -13,7 +13,7 @@ from conftest import REPO
 
 from discreteflow_jax import cli
 
-ENTRY_POINTS = ("main", "sample", "evaluate", "export", "plot_metrics")
+ENTRY_POINTS = ("main", "sample", "evaluate", "export", "plot_metrics", "compile_check")
 
 
 def entry(name: str):
