@@ -80,7 +80,8 @@ def print_report(report) -> None:
             verdict = "does not fit" if "RESOURCE_EXHAUSTED" in (p.error or "") else "does not compile"
             print(f"{p.name:<14} {verdict}: {p.error}")
             continue
-        flops = f"{p.flops / report.devices / 1e9:,.0f}" + ("" if p.flops_exact else "+")
+        gflop = p.flops / report.devices / 1e9
+        flops = (f"{gflop:,.0f}" if gflop >= 100 else f"{gflop:.3g}") + ("" if p.flops_exact else "+")
         print(f"{p.name:<14}{_gib(p.argument_bytes):>10}{_gib(p.output_bytes):>9}{_gib(p.alias_bytes):>9}"
               f"{_gib(p.temp_bytes):>9}{_gib(p.total_bytes):>9}{p.total_bytes / hbm:>8.0%}{flops:>14}"
               + ("" if p.fits else "  DOES NOT FIT"))

@@ -114,7 +114,17 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         devices = _MESH_DEVICES.get() or jax.devices()
     devices = list(devices)
     shape = mesh_shape(data, fsdp, tensor, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:  # several TPU slices joined by the data-center network: the data axis spans them
+        if shape[0] % slices:
+            raise ShardingError(f"mesh data={shape[0]} is not a multiple of the {slices} slices; the data axis "
+                                "is the one that crosses slices")
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def _as_tuple(mesh_axes: Any) -> tuple[str, ...]:
