@@ -23,6 +23,11 @@ INSTALL_REQUIRES = [
     "mauve-text>=0.4,<0.5",
 ]
 
+# The TPU compiler (libtpu, pinned by jax's own "tpu" extra to the jax version) for
+# discreteflow_jax.compile_check: compiles for a TPU slice on any Linux x86-64 host, no TPU needed.
+# On a CPU host JAX still runs on the CPU (libtpu finds no chip); wheels exist for Linux x86-64 only.
+TPU_COMPILE_REQUIRES = ['jax[tpu]>=0.10.2,<0.11; platform_system == "Linux" and platform_machine == "x86_64"']
+
 TEST_REQUIRES = [
     "pytest>=8,<10",
     "pytest-xdist>=3.5,<4",  # two test workers: most of a test's time is compiling, which is single-threaded
@@ -31,6 +36,8 @@ TEST_REQUIRES = [
     # unpinned torch pulls a multi-GB CUDA build.
     "torch==2.13.0",
     "transformers>=5.0,<6",
+    # tests/test_compile_check.py compiles a train step for a TPU topology (it skips without libtpu).
+    *TPU_COMPILE_REQUIRES,
 ]
 
 setup(
@@ -42,6 +49,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": TEST_REQUIRES,
+        "tpu-compile": TPU_COMPILE_REQUIRES,
         # Online HF tokenizers/checkpoints (tokenizers loaded by Hub id).
         "hf": ["transformers>=5.0,<6"],
     },

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from discreteflow_jax.models.generate import SamplingSettings, make_generate_fn
+from discreteflow_jax.training.chips import CHIPS
 
 
 def csv_ints(text: str) -> list[int]:
@@ -82,13 +83,14 @@ def speed_fields(compile_s: float, times: list[float], steps: int, tokens: int) 
 VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
                 "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
 
-# Dense bf16 matmul peak per JAX device, TFLOP/s (vendor data sheets; SXM parts for NVIDIA).
+# Dense bf16 matmul peak per JAX device, TFLOP/s (vendor data sheets; SXM parts for NVIDIA; the
+# TPUs from the package's chip table, discreteflow_jax/training/chips.py, with its sources).
 # Matched as substrings of ``device.device_kind``, first match wins (so specific names first).
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0),
     ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
-    ("TPU v6 lite", 918.0), ("TPU v6e", 918.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
-    ("TPU v5p", 459.0), ("TPU v5", 459.0), ("TPU v4", 275.0), ("TPU v3", 61.5),
+    *((kind, chip.peak_bf16_tflops) for chip in CHIPS.values() for kind in chip.device_kinds),
+    ("TPU v3", 61.5),
 )
 
 

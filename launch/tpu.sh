@@ -6,12 +6,18 @@
 #   launch/tpu.sh create --name NAME --zone ZONE --type v5litepod-8 [--version V] [--spot|--preemptible]
 #   launch/tpu.sh setup  --name NAME --zone ZONE          # copy `git archive HEAD`, venv if missing, pip install
 #   launch/tpu.sh run    --name NAME --zone ZONE --config configs/X.py --workdir gs://B/DIR [-- --config.a=b]
+#   launch/tpu.sh check  --type v5litepod-8 --config configs/X.py [-- --config.a=b]   # here, no TPU needed
 #   launch/tpu.sh logs   --name NAME --zone ZONE [--worker 0]
 #   launch/tpu.sh stop   --name NAME --zone ZONE          # SIGTERM: checkpoint at the next step, exit 0
 #   launch/tpu.sh delete --name NAME --zone ZONE
 #
 # Every command accepts --dry-run (print the exact gcloud commands, run nothing) and --project P.
-# Arguments after `--` go to `python -m discreteflow_jax.main` unchanged. The run always passes
+# Arguments after `--` go to `python -m discreteflow_jax.main` unchanged. Before it starts training,
+# `run` (and so `up`) compiles the experiment for the slice on worker 0 (discreteflow_jax.compile_check
+# with the same config and --config.* overrides; JAX on the CPU there, the chips stay free) and stops
+# if a program does not fit the HBM or does not compile; --no-preflight skips that. `check` runs the
+# same compilation on this machine (needs `pip install -e .[tpu-compile]`; $PYTHON, default python3).
+# The run always passes
 # --distributed=on: JAX finds the other workers of a slice through the TPU metadata server (one
 # process per host), and on a single host it is a no-op. Put --workdir on GCS (gs://...): orbax
 # writes checkpoints there from all hosts together, and a rerun of `run` (e.g. after a spot VM
@@ -23,7 +29,7 @@ REPO="$(cd "$HERE/.." && pwd)"
 . "$HERE/common.sh"
 
 COMMAND="${1:-}"
-check_command "$COMMAND" create setup run up logs stop status delete
+check_command "$COMMAND" create setup check run up logs stop status delete
 shift
 
 NAME="${TPU_NAME:-discreteflow}"
@@ -35,6 +41,7 @@ CAPACITY=""
 CONFIG=""
 WORKDIR=""
 WORKER="0"
+PREFLIGHT=1
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -48,6 +55,7 @@ while [ $# -gt 0 ]; do
     --config) CONFIG="$2"; shift 2 ;;
     --workdir) WORKDIR="$2"; shift 2 ;;
     --worker) WORKER="$2"; shift 2 ;;
+    --no-preflight) PREFLIGHT=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage 0 ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -114,6 +122,31 @@ cd $REMOTE_DIR; [ -x .venv/bin/python ] || python3 -m venv .venv || \
 .venv/bin/python -c \"import jax; print(jax.local_device_count(), jax.local_devices()[0].device_kind)\""
 }
 
+# The compile_check command line for this slice: the config and only the --config.* overrides of
+# EXTRA (main's other flags, e.g. --data_dir, mean nothing to a compilation).
+check_args() {
+  local arg
+  CHECK_ARGS=(--topology="$TYPE" --config="$CONFIG")
+  for arg in "${EXTRA[@]}"; do
+    case "$arg" in
+      --config.*) CHECK_ARGS+=("$arg") ;;
+    esac
+  done
+}
+
+do_check() {
+  [ -n "$CONFIG" ] || die "check needs --config (e.g. configs/fineweb_baseline.py)"
+  check_args
+  run "${PYTHON:-python3}" -m discreteflow_jax.compile_check "${CHECK_ARGS[@]}"
+}
+
+do_preflight() {
+  check_args
+  # Exit status 1 (a program does not fit) stops this script before any training starts.
+  on_workers 0 "cd $REMOTE_DIR && .venv/bin/python -m discreteflow_jax.compile_check $(quote_args "${CHECK_ARGS[@]}") \
+|| { echo 'pre-flight compilation failed: change the config as above, or pass --no-preflight'; exit 1; }"
+}
+
 do_run() {
   [ -n "$CONFIG" ] || die "run needs --config (e.g. configs/fineweb_baseline.py)"
   [ -n "$WORKDIR" ] || die "run needs --workdir (gs://BUCKET/DIR, shared by all workers)"
@@ -121,6 +154,7 @@ do_run() {
     gs://*) ;;
     *) echo "warning: --workdir $WORKDIR is not on GCS; a multi-host slice needs a folder every worker sees" >&2 ;;
   esac
+  [ "$PREFLIGHT" != 1 ] || do_preflight
   local args
   args="$(quote_args --distributed=on --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}")"
   # nohup + no stdin: the ssh session may end; the PID file lets `stop` signal exactly this process.
@@ -131,6 +165,7 @@ do_run() {
 case "$COMMAND" in
   create) do_create ;;
   setup) do_setup ;;
+  check) do_check ;;
   run) do_run ;;
   up) do_create; do_setup; do_run ;;
   logs) on_workers "$WORKER" "tail -n 200 -F $REMOTE_LOG" ;;

@@ -16,7 +16,7 @@ from conftest import REPO
 from discreteflow_jax import cli
 from discreteflow_jax.config import ConfigError, parse_config
 
-ENTRY_POINTS = ("main", "sample", "evaluate", "export", "plot_metrics")
+ENTRY_POINTS = ("main", "sample", "evaluate", "export", "plot_metrics", "compile_check")
 
 
 def entry(name: str):

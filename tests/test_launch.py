@@ -26,12 +26,16 @@ def test_tpu_up_creates_installs_and_runs_on_every_worker():
         "--config", "configs/fineweb_baseline.py", "--workdir", "gs://bucket/fb",
         extra=("--config.causal=True", "--config.sample.eval_steps=(1, 8)"),
     )
-    create, archive, scp, setup, start = cmds
+    create, archive, scp, setup, check, start = cmds
     assert create == ("+ gcloud compute tpus tpu-vm create df --zone=us-central2-b --accelerator-type=v4-8 "
                       "--version=tpu-ubuntu2204-base --spot")
     assert "git -C" in archive and "archive --format=tar.gz" in archive and archive.endswith(" HEAD")
     assert "tpu-vm scp" in scp and "--worker=all" in scp
     assert "--worker=all" in setup and "jax[tpu]>=0.10.2,<0.11" in setup and "[ -x .venv/bin/python ] ||" in setup
+    # Pre-flight: the same experiment compiled for the slice on worker 0 before training starts.
+    assert "--worker=0" in check and "python -m discreteflow_jax.compile_check --topology=v4-8" in check
+    assert "--config=configs/fineweb_baseline.py --config.causal=True" in check and "exit 1" in check
+    assert "--workdir" not in check.split("compile_check")[1]
     assert "--worker=all" in start
     for part in ("--distributed=on", "--config=configs/fineweb_baseline.py", "--workdir=gs://bucket/fb",
                  "--config.causal=True", "nohup", "discreteflow_run.pid"):
@@ -49,6 +53,16 @@ def test_tpu_versions_logs_stop_delete(tpu_type, version):
     assert "kill -TERM $(cat $HOME/discreteflow_run.pid)" in stop and "--worker=all" in stop
     (delete,) = dry_run("tpu.sh", "delete", "--name", "df", "--type", tpu_type)
     assert delete.startswith("+ gcloud compute tpus tpu-vm delete df") and delete.endswith("--quiet")
+
+
+def test_tpu_preflight_can_be_skipped_and_run_here():
+    args = ("--name", "df", "--type", "v5litepod-8", "--config", "configs/fineweb_gumbel.py", "--workdir", "gs://b/g")
+    (start,) = dry_run("tpu.sh", "run", *args, "--no-preflight")
+    assert "discreteflow_jax.main" in start
+    (check,) = dry_run("tpu.sh", "check", "--type", "v5litepod-8", "--config", "configs/fineweb_gumbel.py",
+                       extra=("--config.train.grad_accum=8", "--data_dir=/d"))
+    assert check == ("+ python3 -m discreteflow_jax.compile_check --topology=v5litepod-8 "
+                     "--config=configs/fineweb_gumbel.py --config.train.grad_accum=8")
 
 
 def test_tpu_run_requires_config_and_workdir():

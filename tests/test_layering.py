@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("training", ("training",)),
     ("inference", ("inference",)),
     ("evaluation", ("evaluation",)),
-    ("entry points", ("main", "sample", "evaluate", "export", "plot_metrics", "cli", "__init__")),
+    ("entry points", ("main", "sample", "evaluate", "export", "plot_metrics", "compile_check", "cli", "__init__")),
 )
 
 # One concern per module: past this length a module has in practice held two, and is split by
@@ -51,6 +51,8 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("main", "training.distributed"): _FAST_HELP,
     ("export", "inference.export"): _FAST_HELP,
     ("export", "training.experiment"): _FAST_HELP,
+    ("compile_check", "training.aot"): _FAST_HELP,
+    ("compile_check", "training.experiment"): _FAST_HELP,
 }
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -25,33 +24,16 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import load_config  # noqa: E402
 
 from discreteflow_jax.config import parse_config  # noqa: E402
-from discreteflow_jax.io.teacher import TeacherBundle  # noqa: E402
 from discreteflow_jax.models import sharding as shd  # noqa: E402
 from discreteflow_jax.tasks import build_task  # noqa: E402
+from discreteflow_jax.training import aot  # noqa: E402
 from discreteflow_jax.training.trainer import Trainer  # noqa: E402
 
 
-def abstract_teacher(cfg) -> TeacherBundle:
+def abstract_teacher(cfg):
     """The teacher a Gumbel config names, as shapes only: GPT-2 124M for FineWeb, the full
     Shakespeare LLaMA teacher config otherwise."""
-    from discreteflow_jax.models.gpt2 import GPT2, GPT2Config
-    from discreteflow_jax.models.llama import Llama
-
-    if (cfg.extra.get("teacher") or {}).get("hf") == "gpt2":
-        config, cls, kind = GPT2Config(), GPT2, "gpt2"
-    else:
-        config, cls, kind = parse_config(load_config("shakespeare_teacher", None)).model, Llama, "llama"
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))
-    bos = config.bos_id if config.bos_id is not None else 1
-    return TeacherBundle(graphdef=graphdef, params=nnx.to_pure_dict(state), config=config, kind=kind, bos_id=bos,
-                         vocab_size=config.vocab_size, max_len=config.max_len, source=f"abstract {kind}")
-
-
-def place_abstract(tree, mesh, *, strict: bool = False):
-    """``shard_params`` for ShapeDtypeStructs: the shardings it would use, no data."""
-    shardings = shd.param_shardings(tree, mesh, strict=strict)
-    placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-    return placed, shardings
+    return aot.abstract_teacher(cfg, parse_config(load_config("shakespeare_teacher", None)).model)
 
 
 def trace(name: str, workdir: str, layers: int | None = None) -> dict:
@@ -61,8 +43,7 @@ def trace(name: str, workdir: str, layers: int | None = None) -> dict:
         config.model.num_layers = layers
     cfg = parse_config(config)
     kwargs = {}
-    if cfg.task == "gumbel":
-        shd.shard_params = place_abstract  # the teacher stays abstract (no 124M-parameter arrays)
+    if cfg.task == "gumbel":  # the teacher stays abstract (no 124M-parameter arrays)
         kwargs["teacher"] = abstract_teacher(cfg)
     task = build_task(cfg, **kwargs)
     trainer = Trainer(cfg, task, workdir, dataset=None, tokenizer=None)
@@ -84,11 +65,9 @@ def trace(name: str, workdir: str, layers: int | None = None) -> dict:
 def main(args: list[str]) -> None:
     layers = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--layers=")), None)
     names = [a for a in args if not a.startswith("--")]
-    real_shard_params = shd.shard_params
     for name in names:
         with tempfile.TemporaryDirectory() as workdir:
             result = trace(name, workdir, layers)
-        shd.shard_params = real_shard_params
         print(json.dumps(result), flush=True)
 
 

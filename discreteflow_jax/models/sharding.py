@@ -90,13 +90,41 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
     return tuple(sizes)  # type: ignore[return-value]
 
 
+# The devices a mesh is made of when none are named: jax.devices(), unless ``mesh_devices`` says
+# otherwise. Ahead-of-time compilation for an accelerator this host does not have (the devices of a
+# TPU topology description) builds every mesh of an experiment, the task's included, from those.
+_MESH_DEVICES: contextvars.ContextVar[tuple[Any, ...] | None] = contextvars.ContextVar("mesh_devices", default=None)
+
+
+@contextlib.contextmanager
+def mesh_devices(devices: Sequence[Any]) -> Iterator[None]:
+    """Within this block, ``make_mesh`` without ``devices`` uses these devices."""
+    token = _MESH_DEVICES.set(tuple(devices))
+    try:
+        yield
+    finally:
+        _MESH_DEVICES.reset(token)
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh over ``devices`` (default: all), in the device order
-    ``jax.make_mesh`` picks for the hardware topology. Axes are Auto (XLA propagates the
-    shardings), which jax.make_mesh does not default to."""
-    devices = list(devices if devices is not None else jax.devices())
+    """The (data, fsdp, tensor) mesh over ``devices`` (default: those of ``mesh_devices``, else
+    all), in the device order ``jax.make_mesh`` picks for the hardware topology. Axes are Auto
+    (XLA propagates the shardings), which jax.make_mesh does not default to."""
+    if devices is None:
+        devices = _MESH_DEVICES.get() or jax.devices()
+    devices = list(devices)
     shape = mesh_shape(data, fsdp, tensor, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:  # several TPU slices joined by the data-center network: the data axis spans them
+        if shape[0] % slices:
+            raise ShardingError(f"mesh data={shape[0]} is not a multiple of the {slices} slices; the data axis "
+                                "is the one that crosses slices")
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def _as_tuple(mesh_axes: Any) -> tuple[str, ...]:
@@ -192,10 +220,14 @@ def shard_params(tree: Any, mesh: Mesh, *, strict: bool = False) -> tuple[Any, A
     """Places a parameter pytree (host or device arrays, the same values on every process) on the
     mesh by the rules above. Returns (sharded tree, its shardings): pass them as ``Task.aux`` and
     ``Task.aux_shardings`` for a frozen teacher. Each device receives only its own slice, so this
-    works across processes (``make_array_from_callback`` reads the host copy per shard)."""
+    works across processes (``make_array_from_callback`` reads the host copy per shard). A tree of
+    ShapeDtypeStructs (a teacher known by its shapes only, for ahead-of-time compilation) comes back
+    as ShapeDtypeStructs carrying those shardings: nothing is allocated."""
     shardings = param_shardings(tree, mesh, strict=strict)
 
     def place(leaf, sharding):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
         host = np.asarray(jax.device_get(leaf))
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

@@ -24,15 +24,9 @@ from discreteflow_jax.models import sharding as shd
 from discreteflow_jax.tasks.base import Task
 from discreteflow_jax.training import distributed as dist
 from discreteflow_jax.training.metrics import DISCARDED_FILE, MetricWriter, eta_seconds, format_progress
-from discreteflow_jax.training.optim import learning_rate, make_optimizer
-from discreteflow_jax.training.steps import (
-    TrainState,
-    build_eval_step,
-    build_train_step,
-    stream_key,
-    validation_batches,
-    window_metrics,
-)
+from discreteflow_jax.training.optim import learning_rate
+from discreteflow_jax.training.programs import build_programs
+from discreteflow_jax.training.steps import TrainState, stream_key, validation_batches, window_metrics
 
 log = logging.getLogger("discreteflow_jax")
 
@@ -53,43 +47,13 @@ class Trainer:
         # First, before any shape check can fail on some processes only: every process must run the same
         # experiment (one all-gather of a config hash; a no-op with one process).
         dist.check_same_config(cfg.raw)
-        self.mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-        shd.check_batch(cfg.train.batch_size, cfg.train.grad_accum, self.mesh)
-        shd.check_model_parallel(cfg.model, self.mesh)
+        programs = build_programs(cfg, task)
+        self.mesh, self.tx, self.graphdef = programs.mesh, programs.tx, programs.graphdef
+        self.state_shardings, self.abstract_state = programs.state_shardings, programs.abstract_state
+        self.num_params = programs.num_params
+        self.train_step, self.eval_step = programs.train_step, programs.eval_step
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.local_batch = cfg.train.batch_size // self.process_count
-        self.tx = make_optimizer(cfg.train)
-
-        # Keys are made inside eval_shape here (traced, not compiled): a bad shape below must be
-        # reported before anything compiles. The concrete keys come after the checks.
-        abstract_model = nnx.eval_shape(lambda: task.create_model(nnx.Rngs(stream_key(cfg.seed, "init"))))
-        self.graphdef, abstract_params = nnx.split(abstract_model)
-        abstract_params = nnx.to_pure_dict(abstract_params)
-        abstract_state = jax.eval_shape(
-            lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)), abstract_params
-        )
-        self.state_shardings = TrainState(
-            step=shd.replicated(self.mesh),
-            params=shd.tree_shardings(abstract_state.params, self.mesh),
-            opt_state=shd.tree_shardings(abstract_state.opt_state, self.mesh),
-        )
-        self.abstract_state = ckpt.abstract_like(abstract_state, self.state_shardings)
-        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
-
-        batch_sh = shd.batch_sharding(self.mesh)
-        rep = shd.replicated(self.mesh)
-        aux_sh = task.aux_shardings if task.aux is not None else None
-        # with_activation_mesh: activation sharding constraints inside the model use this mesh while tracing.
-        self.train_step = jax.jit(
-            shd.with_activation_mesh(build_train_step(task, self.graphdef, self.tx, cfg.train.grad_accum), self.mesh),
-            in_shardings=(self.state_shardings, aux_sh, batch_sh, rep),
-            out_shardings=(self.state_shardings, rep),
-            donate_argnums=0,
-        )
-        self.eval_step = jax.jit(
-            shd.with_activation_mesh(build_eval_step(task, self.graphdef), self.mesh),
-            in_shardings=(self.state_shardings.params, aux_sh, batch_sh, rep), out_shardings=rep,
-        )
         self.init_key = stream_key(cfg.seed, "init")
         self.base_key = stream_key(cfg.seed, "train")  # step s trains with fold_in(base_key, s)
         self.writer = MetricWriter(workdir, enabled=self.process_index == 0)
