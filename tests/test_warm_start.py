@@ -202,6 +202,16 @@ def test_warm_start_refuses_what_it_does_not_support() -> None:
         parse_config(c)
 
 
+def test_flow_init_random_keeps_the_random_table() -> None:
+    teacher = _bundle(_llama())
+    factory = student_factory(_student_cfg(warm_flow_init="random"), teacher)
+    params = nnx.to_pure_dict(nnx.state(factory.create_model(nnx.Rngs(0))))
+    warm = factory.init_params(params)
+    np.testing.assert_array_equal(np.asarray(warm["embedding"]), np.asarray(params["embedding"]))
+    pca = student_factory(_student_cfg(), teacher).init_params(params)
+    assert np.abs(np.asarray(pca["embedding"]) - np.asarray(params["embedding"])).max() > 1e-3
+
+
 def test_student_factory_needs_a_matching_teacher() -> None:
     with pytest.raises(ConfigError, match="needs a teacher"):
         student_factory(_student_cfg(), None)

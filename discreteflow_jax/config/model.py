@@ -47,6 +47,7 @@ class TokenFlowConfig:
     warm_start: bool = False
     warm_attention: str = "causal"  # causal | gated (causal plus a zero-initialized gate on later positions)
     warm_input_topk: int = 0  # > 0: the input posterior keeps its k most likely tokens (cheaper); 0: all V
+    warm_flow_init: str = "teacher"  # teacher (its embedding's top principal directions) | random
     warm_align: float = 0.0  # weight of the alignment of the last residual stream to the teacher's (Gumbel)
     # G channel (Gumbel students only; the gumbel section sets these): how the network reads the noise G.
     g_channel: str = "none"  # none | softmax (softmax(G/τ)·W) | linear (standardized G through a rank-r map)

@@ -57,6 +57,9 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     # config.teacher); dim/layers/heads/FFN come from the teacher. Full logits: set loss_chunk=0.
     c.model.warm_start = False
     c.model.warm_attention = "causal"  # causal | gated (learns to read later positions from a zero gate)
+    # Initial flow space: "teacher" (principal directions of its embedding: alike tokens start close,
+    # median nearest-neighbour cosine 0.99 for the :cpu teacher) | "random" (0.65: easier to denoise).
+    c.model.warm_flow_init = "teacher"
     c.model.warm_align = 0.0  # > 0: + weight·(1 − cos) to the teacher's last hidden state (logit-channel students)
     c.model.warm_input_topk = 0  # > 0: the input posterior over the k likeliest tokens only (cheaper); 0: all
 

@@ -135,6 +135,9 @@ def validate_warm_start(model: TokenFlowConfig, task: str) -> None:
     if model.g_channel != "none" and (task != "gumbel" or not model.warm_start):
         raise ConfigError("config.model.g_channel is set by config.gumbel.g_channel (warm-started Gumbel students); "
                           "leave it 'none'")
+    if model.warm_flow_init not in ("teacher", "random"):
+        raise ConfigError(f"config.model.warm_flow_init={model.warm_flow_init!r} is not a valid choice; use one of: "
+                          "teacher, random")
     _whole(model.warm_input_topk, "model.warm_input_topk", 0, " (0 = the whole vocabulary)")
     if model.warm_input_topk > model.vocab_size:
         raise ConfigError(f"config.model.warm_input_topk={model.warm_input_topk} exceeds the vocabulary "

@@ -114,5 +114,6 @@ def student_factory(model_cfg: TokenFlowConfig, teacher: TeacherBundle | None) -
     def create_model(rngs: nnx.Rngs) -> WarmFlow:
         return build_warmflow(model_cfg, description, rngs)
 
-    return StudentFactory(create_model, lambda params: warm_params(params, teacher.params),
+    return StudentFactory(create_model, lambda params: warm_params(params, teacher.params,
+                                                                   flow_init=model_cfg.warm_flow_init),
                           identity={"warm_backbone": description})
