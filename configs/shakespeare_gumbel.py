@@ -14,6 +14,13 @@ tests) distills the `:smoke` teacher. `:cpu,logit_channel` trains the logit-chan
 from discreteflow_jax.config.presets import CONTEXT_RECIPE, WARM_RECIPE, apply_variant, tokenflow_defaults
 from discreteflow_jax.tasks.gumbel import add_gumbel_sections
 
+# The logit-channel student (docs/gumbel_channel.md): distilled to the teacher's conditional,
+# tokens argmax(h + G); Gaussian x0 and no context, network logits only, whole.
+LOGIT_CHANNEL = {
+    "gumbel.logit_channel": True, "gumbel.conditioning": "none", "model.singular_logits": False,
+    "model.loss_chunk": 0,
+}
+
 VARIANTS = {
     "cpu": {
         "model.dim": 256, "model.num_layers": 4, "model.num_heads": 4, "model.max_len": 64,
@@ -27,18 +34,12 @@ VARIANTS = {
         # The recipe that reads context (docs/context_ablation.md); `:cpu,original` drops it.
         **CONTEXT_RECIPE,
     },
-    # The logit-channel student (docs/gumbel_channel.md): distilled to the teacher's conditional,
-    # tokens argmax(h + G); Gaussian x0 and no context, network logits only, whole. After `cpu`
-    # or `smoke`: `:cpu,logit_channel`.
-    "logit_channel": {
-        "gumbel.logit_channel": True, "gumbel.conditioning": "none", "model.singular_logits": False,
-        "model.loss_chunk": 0,
-    },
-    # Warm start from the teacher (docs/warm_start.md), after `logit_channel`: `:cpu,logit_channel,warm`;
-    # `g_softmax` / `g_linear` add a G channel the network reads (`:cpu,logit_channel,warm,g_linear`).
-    "warm": WARM_RECIPE,
-    "g_softmax": {"gumbel.g_channel": "softmax"},
-    "g_linear": {"gumbel.g_channel": "linear"},
+    "logit_channel": LOGIT_CHANNEL,  # after `cpu` or `smoke`: `:cpu,logit_channel`
+    # Warm start from the teacher (docs/warm_start.md), a logit-channel student: `:cpu,warm`;
+    # `g_softmax` / `g_linear` add a G channel the network reads (`:cpu,g_linear`).
+    "warm": {**LOGIT_CHANNEL, **WARM_RECIPE},
+    "g_softmax": {**LOGIT_CHANNEL, **WARM_RECIPE, "gumbel.g_channel": "softmax"},
+    "g_linear": {**LOGIT_CHANNEL, **WARM_RECIPE, "gumbel.g_channel": "linear"},
     "smoke": {
         "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 16,
         "data.seq_len": 16, "train.batch_size": 8, "train.grad_accum": 2, "train.num_steps": 4,

@@ -1,8 +1,6 @@
-"""Gumbel reflow: the Gumbel prior, the exact posterior of the Gumbel noise given the
-token a teacher emitted, its chunked reduction to what the student sees (softmax(G/τ)·E), and the
-loss and sampler of a Gumbel-conditioned TokenFlow. Pure functions of arrays, keys and modules.
-The derivation is in docs/math.md#gumbel-posterior; the alignment convention and the memory
-layout are in docs/gumbel.md.
+"""Gumbel reflow: the Gumbel prior, the exact posterior of G given the token a teacher emitted,
+its chunked reduction to what the student sees (softmax(G/τ)·E), and the loss and sampler of a
+Gumbel-conditioned TokenFlow. Pure functions (docs/math.md#gumbel-posterior, docs/gumbel.md).
 """
 
 from __future__ import annotations
@@ -370,13 +368,11 @@ def logit_noise(model: TokenFlow, key: jax.Array, batch: int, seq_len: int, gumb
 
 def g_channel_context(model: Any, key: jax.Array, batch: int, seq_len: int, gumbel: GumbelConfig,
                       context: jax.Array | None) -> jax.Array | None:
-    """The G channel's input for sampling (a warm student with ``g_channel``): its features of the
-    prior G that the logit channel adds (the same draws; the channel reads G itself, unscaled, as in
-    training), reduced a chunk of positions at a time (no [B, T, V] tensor). Otherwise ``context``."""
+    """A warm student's G-channel input for sampling: its features of the prior G the logit channel
+    adds (same draws, unscaled), a chunk of positions at a time. Otherwise ``context``."""
     if not gumbel.logit_channel or getattr(model.cfg, "g_channel", "none") == "none":
         return context
-    g_key = jax.random.split(key)[0]  # the key logit_noise draws from
-    vocab = model.cfg.vocab_size
+    g_key, vocab = jax.random.split(key)[0], model.cfg.vocab_size  # the key logit_noise draws from
     chunk = resolve_chunk(seq_len, batch, vocab, gumbel.chunk_size)
 
     def noise_fn(start: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -457,7 +457,7 @@ def test_checkpoint_with_an_older_optimizer_layout_is_named_not_called_damaged(t
     the reason (not "damaged", nothing moved), and its parameters still load."""
     import optax
 
-    from discreteflow_jax.training import optim, trainer
+    from discreteflow_jax.training import optim, programs, trainer
 
     def plain_adamw(train):  # the layout such runs saved: the schedule inside AdamW
         return optax.chain(optax.clip_by_global_norm(train.grad_clip),
@@ -466,7 +466,7 @@ def test_checkpoint_with_an_older_optimizer_layout_is_named_not_called_damaged(t
 
     workdir = str(tmp_path / "run")
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "make_optimizer", plain_adamw)
+        patch.setattr(programs, "make_optimizer", plain_adamw)
         patch.setattr(trainer, "learning_rate", lambda opt_state: 0.0)  # no injected rate to read back
         experiment.run(smoke(**{"train.num_steps": 3}), workdir, data_dir=data_dir)
     with pytest.raises(ckpt.CheckpointMismatchError, match="older layout") as info:

@@ -28,7 +28,7 @@ from discreteflow_jax import flow
 from discreteflow_jax.config import DEFAULT_TIME_WARP_BINS, FlowConfig, TrainConfig
 from discreteflow_jax.data import synthetic as syn
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
-from discreteflow_jax.training.trainer import make_optimizer
+from discreteflow_jax.training.optim import make_optimizer
 
 # Recipes: the original (one uniform t per sequence, embedding width = model width, nothing else)
 # and one lever at a time, then combinations.

@@ -1,5 +1,5 @@
 """Sample-quality numbers that a sampling temperature cannot buy: MAUVE against held-out text, and
-the Gen-PPL at the temperature that brings the samples' entropy to real text's (docs/evaluation.md).
+the Gen-PPL at the temperature that brings the samples' entropy to real text's (docs/sampling.md).
 
 A third number tells whether a sampler couples positions at all: the Gen-PPL of the same samples
 with each position's tokens shuffled across samples (``shuffle_positions``).
