@@ -115,6 +115,13 @@ class Reference:
     features: np.ndarray | None  # None: no MAUVE
 
 
+def mauve_against(scorer: Scorer, tokens: np.ndarray, tokenizer: Tokenizer, text_features: np.ndarray,
+                  settings: SweepSettings) -> float:
+    """MAUVE of token rows against the held-out text's scorer features (rounded for the table)."""
+    feats = scorer.features(scorer.prepare(tokens, tokenizer))
+    return round(mauve_score(feats, text_features, seed=settings.seed + 25), 4)
+
+
 def quality_columns(model: Any, steps: int | None, tokens: np.ndarray, plain: dict[str, Any], scorer: Scorer,
                     settings: SweepSettings, length: int, reference: Reference | None) -> dict[str, Any]:
     """MAUVE of the cell's samples and its matched-entropy Gen-PPL (``evaluation.quality``)."""
@@ -125,8 +132,7 @@ def quality_columns(model: Any, steps: int | None, tokens: np.ndarray, plain: di
     # how much of the Gen-PPL comes from positions that depend on each other.
     out["shuffled_gen_ppl"] = scorer.score(shuffle_positions(tokens, settings.seed), model.tokenizer)["gen_ppl"]
     if settings.mauve and reference.features is not None:
-        feats = scorer.features(scorer.prepare(tokens, model.tokenizer))
-        out["mauve"] = round(mauve_score(feats, reference.features, seed=settings.seed + 25), 4)
+        out["mauve"] = mauve_against(scorer, tokens, model.tokenizer, reference.features, settings)
     if settings.match_entropy:
         def at(tau: float) -> tuple[float, float]:
             rows = draw_samples(model, steps, settings, length, temperature=tau)
@@ -180,9 +186,9 @@ def validation_windows(dataset: Any, settings: SweepSettings, length: int, held_
 
 
 def reference_row(dataset: Any, tokenizer: Tokenizer, scorer: Scorer, settings: SweepSettings,
-                  length: int, reference: Reference | None = None) -> tuple[dict[str, Any], list[str]]:
+                  length: int, text_features: np.ndarray | None = None) -> tuple[dict[str, Any], list[str]]:
     """The same metrics on real validation windows (evenly spread, num_samples of them); with a
-    ``reference`` (MAUVE features of other held-out windows) its MAUVE is real text against real text."""
+    ``text_features`` (MAUVE features of other held-out windows) its MAUVE is real text against real text."""
     windows = validation_windows(dataset, settings, length)
     cut = [truncate_at_eos(row, tokenizer.eos_id) for row in windows]
     row = {
@@ -190,9 +196,8 @@ def reference_row(dataset: Any, tokenizer: Tokenizer, scorer: Scorer, settings: 
         "num_samples": len(cut), "length": length,
         **scorer.score(windows, tokenizer), **sample_statistics(cut, settings.ngram), "sample_s": 0.0,
     }
-    if reference is not None and reference.features is not None and settings.mauve:
-        feats = scorer.features(scorer.prepare(windows, tokenizer))
-        row["mauve"] = round(mauve_score(feats, reference.features, seed=settings.seed + 25), 4)
+    if text_features is not None and settings.mauve:
+        row["mauve"] = mauve_against(scorer, windows, tokenizer, text_features, settings)
     return row, [tokenizer.decode(ids) for ids in cut]
 
 
@@ -250,9 +255,8 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
                     "length": length, "data": first.config.raw.get("data")}
     held_out = validation_windows(dataset, settings, length, held_out=True)  # MAUVE's real text
     features = scorer.features(scorer.prepare(held_out, first.tokenizer)) if settings.mauve else None
-    reference = Reference(entropy=math.nan, features=features)
     ref_row = cached_cell(out_dir, "validation_text", ref_identity,
-                          lambda: reference_row(dataset, first.tokenizer, scorer, settings, length, reference))
+                          lambda: reference_row(dataset, first.tokenizer, scorer, settings, length, features))
     rows.append(ref_row)
     reference = Reference(entropy=float(ref_row["entropy"]), features=features)
     for name, model in loaded.items():

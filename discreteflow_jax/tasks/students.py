@@ -85,10 +85,6 @@ class StudentFactory:
     identity: dict = dataclasses.field(default_factory=dict)  # recorded in checkpoints (Task.identity)
 
 
-def backbone_class(teacher: Any) -> type:
-    return GPT2 if teacher.kind == "gpt2" else Llama
-
-
 def student_factory(model_cfg: TokenFlowConfig, teacher: TeacherBundle | None) -> StudentFactory:
     """A cold TokenFlow, or (``model_cfg.warm_start``) a WarmFlow on ``teacher``'s decoder."""
     if not model_cfg.warm_start:
