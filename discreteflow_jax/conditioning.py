@@ -102,9 +102,9 @@ def conditional_sample(
     if condition not in CONDITION_MODES:
         raise ValueError(f"condition must be one of {CONDITION_MODES}, got {condition!r}")
     x0, context = source(key, model, known_tokens_BT, known_mask_BT)
-    noise, noise_tau = None, 0.0
+    noise_args = {}
     if gumbel is not None and gumbel.logit_channel:
-        noise, noise_tau = gmb.logit_noise(model, key, *known_tokens_BT.shape, gumbel), gumbel.logit_tau
+        noise_args = gmb.logit_noise_args(model, key, *known_tokens_BT.shape, gumbel)
         context = gmb.g_channel_context(model, key, *known_tokens_BT.shape, gumbel, context)
     e_known = model.embed(known_tokens_BT)
     mask = known_mask_BT[..., None]
@@ -114,5 +114,5 @@ def conditional_sample(
         return jnp.where(mask, target, x)
 
     tokens, _ = flow.sample_flow(model, x0, grid, context=context, temperature=temperature, clamp_fn=clamp,
-                                 logit_noise=noise, noise_tau=noise_tau, stagger=stagger)
+                                 stagger=stagger, **noise_args)
     return jnp.where(known_mask_BT, known_tokens_BT, tokens)

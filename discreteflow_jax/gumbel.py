@@ -349,21 +349,37 @@ def sample_gumbel_flow(
 ) -> jax.Array:
     """Tokens [B, T] from a Gumbel-conditioned TokenFlow in ``len(grid) − 1`` flow steps (any K ≥ 1)."""
     x0, context = gumbel_source(model, key, batch, seq_len, gumbel)
-    noise = logit_noise(model, key, batch, seq_len, gumbel)
     context = g_channel_context(model, key, batch, seq_len, gumbel, context)
     return flow.sample_flow(
-        model, x0, grid, context=context, temperature=temperature, logit_noise=noise, noise_tau=gumbel.logit_tau,
-        stagger=stagger,
+        model, x0, grid, context=context, temperature=temperature, stagger=stagger,
+        **logit_noise_args(model, key, batch, seq_len, gumbel),
     )[0]
 
 
 def logit_noise(model: TokenFlow, key: jax.Array, batch: int, seq_len: int, gumbel: GumbelConfig) -> jax.Array | None:
     """The logit channel's noise for sampling, ``sample_temperature``·G [B, T, V] fp32, from the same
-    key and draws as ``gumbel_source``'s context (both see one G); None without the channel."""
+    key and draws as ``gumbel_source``'s context (both see one G); None without the channel. The
+    sampler draws the same numbers a chunk at a time (``logit_noise_args``); this whole array is
+    the reference."""
     if not gumbel.logit_channel:
         return None
     g_key = jax.random.split(key)[0]  # the split gumbel_source makes
     return gumbel.sample_temperature * sample_prior(g_key, batch, seq_len, model.cfg.vocab_size)
+
+
+def logit_noise_args(model: Any, key: jax.Array, batch: int, seq_len: int, gumbel: GumbelConfig) -> dict:
+    """``sample_flow``'s logit-channel arguments: the noise of ``logit_noise`` as a function of the
+    positions (drawn a chunk at a time, the same numbers), its τ and chunk; {} without the channel."""
+    if not gumbel.logit_channel:
+        return {}
+    g_key, vocab = jax.random.split(key)[0], model.cfg.vocab_size  # the split gumbel_source makes
+
+    def noise_fn(positions: jax.Array) -> jax.Array:
+        draws = jax.vmap(lambda p: prior_draw(g_key, p, batch, vocab), out_axes=1)(positions)
+        return gumbel.sample_temperature * draws
+
+    return {"logit_noise": noise_fn, "noise_tau": gumbel.logit_tau,
+            "noise_chunk": resolve_chunk(seq_len, batch, vocab, gumbel.chunk_size)}
 
 
 def g_channel_context(model: Any, key: jax.Array, batch: int, seq_len: int, gumbel: GumbelConfig,

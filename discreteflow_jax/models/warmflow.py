@@ -178,7 +178,12 @@ class WarmFlow(FlowSpace, nnx.Module):
                  self_cond: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, V] fp32: network logits, plus the singular term when enabled (it equals the
         reference log-softmax form up to a per-position constant: the rows of E share one norm)."""
-        logits = self.network_logits(x_t, t_B, context)
+        return self.output_logits(self.hidden(x_t, t_B, context), x_t, t_B)
+
+    def output_logits(self, h_BTD: jax.Array, x_t: jax.Array, t_B: jax.Array) -> jax.Array:
+        """Logits [B, T, V] fp32 of the residual stream ``hidden`` returned (any slice of positions,
+        with the x_t and t of the same positions)."""
+        logits = self.backbone._logits(h_BTD)
         if not self.cfg.singular_logits:
             return logits
         coeff = per_position(singular_coefficient(t_B, self.cfg.sigma, self.cfg.singular_eps))
