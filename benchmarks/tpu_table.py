@@ -109,7 +109,8 @@ def render(out: str) -> str:
                 cell = json.load(f)
             report = cell["report"]
             if not report:
-                rows.append(f"| {experiment} | {slice_name} | | does not compile (exit {cell['exit_status']}) | | | | | |")
+                status = cell["exit_status"]
+                rows.append(f"| {experiment} | {slice_name} | | does not compile (exit {status}) | | | | | |")
                 continue
             hbm = report["hbm_gib"]
             train = _program(report, "train_step")
@@ -129,7 +130,8 @@ def render(out: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder of the cells' JSON files")
-    parser.add_argument("--experiments", default=",".join(EXPERIMENTS), help="comma-separated, of " + ", ".join(EXPERIMENTS))
+    parser.add_argument("--experiments", default=",".join(EXPERIMENTS),
+                        help="comma-separated, of " + ", ".join(EXPERIMENTS))
     parser.add_argument("--slices", default=",".join(SLICES), help="comma-separated, of " + ", ".join(SLICES))
     parser.add_argument("--train_only", action="store_true", help="compile the train step only (the memory peak)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")

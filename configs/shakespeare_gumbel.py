@@ -6,9 +6,11 @@ tiny_shakespeare (non-causal; causal with --config.causal=True).
         --config.teacher.checkpoint=TEACHER_DIR
 
 Use the same variant for both commands: `:cpu` distills the `:cpu` teacher (LLaMA dim 256, 4 layers,
-ffn 1024, context 64) into a student of the `shakespeare_baseline.py:cpu` shape; `:smoke` (seconds,
-tests) distills the `:smoke` teacher. `:cpu,logit_channel` trains the logit-channel student
-(docs/gumbel_channel.md) instead.
+ffn 1024, context 64) into a warm-started logit-channel student (the teacher's decoder and weights,
+`:warm`, docs/warm_start.md and docs/distill_cpu.md); `:cpu,cold` trains the student from scratch
+instead (a TokenFlow of the `shakespeare_baseline.py:cpu` shape, cross-attention conditioning), and
+`:cpu,cold,logit_channel` the cold logit-channel student (docs/gumbel_channel.md). `:smoke`
+(seconds, tests) distills the `:smoke` teacher, cold.
 """
 
 from discreteflow_jax.config.presets import CONTEXT_RECIPE, WARM_RECIPE, apply_variant, tokenflow_defaults
@@ -34,12 +36,13 @@ VARIANTS = {
         # The recipe that reads context (docs/context_ablation.md); `:cpu,original` drops it.
         **CONTEXT_RECIPE,
     },
-    "logit_channel": LOGIT_CHANNEL,  # after `cpu` or `smoke`: `:cpu,logit_channel`
+    "logit_channel": LOGIT_CHANNEL,  # after `cpu,cold` or `smoke`: `:cpu,cold,logit_channel`
     # Warm start from the teacher (docs/warm_start.md), a logit-channel student: `:cpu,warm`;
     # `g_softmax` / `g_linear` add a G channel the network reads (`:cpu,g_linear`).
     "warm": {**LOGIT_CHANNEL, **WARM_RECIPE},
     "g_softmax": {**LOGIT_CHANNEL, **WARM_RECIPE, "gumbel.g_channel": "softmax"},
     "g_linear": {**LOGIT_CHANNEL, **WARM_RECIPE, "gumbel.g_channel": "linear"},
+    "cold": {},  # `:cpu,cold`: no warm start (see variant_names)
     "smoke": {
         "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 16,
         "data.seq_len": 16, "train.batch_size": 8, "train.grad_accum": 2, "train.num_steps": 4,
@@ -49,10 +52,21 @@ VARIANTS = {
 }
 
 
+def variant_names(arg: str | None) -> str | None:
+    """``cpu`` means ``cpu,warm`` (the recipe of docs/distill_cpu.md) unless ``cold`` (or the
+    original recipe) is named; ``cold`` itself sets nothing."""
+    if not arg:
+        return arg
+    names = arg.split(",")
+    if "cpu" in names and not {"cold", "original"} & set(names):
+        names.insert(names.index("cpu") + 1, "warm")
+    return ",".join(names)
+
+
 def get_config(arg=None):
     c = add_gumbel_sections(tokenflow_defaults())  # task, gumbel and teacher sections, untied output
     c.gumbel.conditioning = "cross_attention"  # the original's Shakespeare Gumbel setting (docs/experiments.md)
     c.train.num_steps = 5000  # experiment 2.2 (docs/experiments.md)
     c.train.warmup_steps = 500  # linear warm-up, then cosine decay
     c.teacher.checkpoint = ""  # required: --config.teacher.checkpoint=TEACHER_DIR (see above)
-    return apply_variant(c, arg, VARIANTS)
+    return apply_variant(c, variant_names(arg), VARIANTS)

@@ -121,7 +121,9 @@ def main(argv: list[str]) -> int:
         report = aot.check(
             cfg, name, slice_, devices, num_slices=FLAGS.num_slices, teacher_config=teacher, mfu=FLAGS.mfu,
             eval_step=not FLAGS.skip_eval, sampler=not FLAGS.skip_sampler,
-            on_program=lambda p: print(f"compiled {p.name}: " + ("fits" if p.fits else "DOES NOT FIT"),
+            on_program=lambda p: print(f"compiled {p.name}: " + ("fits" if p.fits else "DOES NOT FIT")
+                                       + (f" ({p.seconds['trace_and_lower']:.0f} s tracing, "
+                                          f"{p.seconds['compile']:.0f} s compiling)" if p.seconds else ""),
                                        file=sys.stderr, flush=True),
         )
     except (ValueError, *USER_ERRORS) as err:  # config, sharding and teacher errors: before any compile

@@ -135,13 +135,21 @@ def test_config_errors() -> None:
     # The channel keeps a context when asked: cross-attention layers still follow the conditioning.
     assert student_config(ok, dataclasses.replace(LOGIT, conditioning="cross_attention")).cross_attention
 
-    # The config variant sets what the channel needs; the default variant is unchanged.
+    # The config variant sets what the channel needs. `:cpu` is the warm logit-channel student;
+    # `:cpu,cold` and `:cpu,original` the cold cross-attention one, `:cpu,cold,logit_channel` cold with the channel.
     default = load_config("shakespeare_gumbel", "cpu")
-    assert not default.gumbel.logit_channel and default.model.singular_logits
-    assert default.gumbel.conditioning == "cross_attention"
+    assert default.gumbel.logit_channel and default.model.warm_start and default.model.warm_flow_init == "random"
+    assert default.to_dict() == load_config("shakespeare_gumbel", "cpu,logit_channel,warm").to_dict()
+    for cold_variant in ("cpu,cold", "cpu,original"):
+        cold = load_config("shakespeare_gumbel", cold_variant)
+        assert not cold.gumbel.logit_channel and cold.model.singular_logits and not cold.model.warm_start
+        assert cold.gumbel.conditioning == "cross_attention"
     c = load_config("shakespeare_gumbel", "smoke,logit_channel")
     assert c.gumbel.logit_channel and c.gumbel.conditioning == "none" and not c.model.singular_logits
-    assert load_config("shakespeare_gumbel", "cpu,logit_channel").model.loss_chunk == 0
+    assert not c.model.warm_start
+    cold_channel = load_config("shakespeare_gumbel", "cpu,cold,logit_channel")
+    assert cold_channel.model.loss_chunk == 0 and cold_channel.gumbel.logit_channel
+    assert not cold_channel.model.warm_start
     c.model.singular_logits = True
     with pytest.raises(ConfigError, match="config.model.singular_logits"):
         gumbel_task(parse_config(c), teacher=object())  # rejected before the teacher is looked at

@@ -143,6 +143,10 @@ WARM_RECIPE: dict = {
     # The input posterior over its 64 likeliest tokens: exact at t = 1, and the V-wide input matmul
     # (as large as the output layer's) becomes a gather.
     "model.warm_input_topk": 64,
+    # A random flow table: the teacher's principal directions pack alike tokens together (nearest-
+    # neighbour cosine 0.987), which blurs mid-t inputs; random rows halve the mid-t loss
+    # (docs/distill_cpu.md).
+    "model.warm_flow_init": "random",
 }
 # The original recipe (one uniform t per sequence, embedding width = model width, no
 # self-conditioning, no output modulation, sampling at temperature 1 with one t): `:original`, also

@@ -64,7 +64,7 @@ def add_gumbel_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.gumbel.embed_grad = False  # gradient through softmax(G)·E into the student embedding (recomputes chunks)
     # Logit channel (docs/gumbel_channel.md): the student's logits h are distilled to the teacher's
     # conditional (KL per token) and its tokens are argmax(h + G). Needs model.singular_logits=False
-    # and model.loss_chunk=0; `:cpu,logit_channel` sets them.
+    # and model.loss_chunk=0; `:cpu,cold,logit_channel` sets them.
     c.gumbel.logit_channel = False
     c.gumbel.logit_tau = 0.0  # sampling: x̂₁ = E[argmax(h + G)] at 0, else softmax((h + G)/logit_tau)·E
     # G channel (warm-started logit-channel students): the network also reads G at each position, so

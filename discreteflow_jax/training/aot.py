@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,6 +78,7 @@ class ProgramReport:
     flops: float = 0.0  # matmul FLOPs of the whole program (all devices), from the jaxpr
     flops_exact: bool = True
     xla_flops_per_device: float | None = None  # cost_analysis(): loop bodies counted once
+    seconds: dict | None = None  # wall-clock of tracing + lowering and of the TPU compiler, on this host
     compiled: Any = dataclasses.field(default=None, repr=False)  # the executable (not in the JSON)
 
     @property
@@ -130,11 +132,16 @@ def oom_numbers(message: str) -> str:
 
 
 def _compile(name: str, jitted: Any, args: Sequence[Any], hbm_bytes: float) -> ProgramReport:
+    start = time.perf_counter()
     traced = jitted.trace(*args)
     flops, exact = matmul_flops(traced.jaxpr)
     report = ProgramReport(name, fits=False, flops=flops, flops_exact=exact)
     try:
-        compiled = traced.lower().compile()
+        lowered = traced.lower()
+        traced_s = time.perf_counter() - start
+        compiled = lowered.compile()
+        report.seconds = {"trace_and_lower": round(traced_s, 1),
+                          "compile": round(time.perf_counter() - start - traced_s, 1)}
     except Exception as err:  # the compiler's own verdict: out of memory, or a sharding it cannot lower
         text = str(err)
         numbers = oom_numbers(text) if "RESOURCE_EXHAUSTED" in text or "memory" in text.lower() else ""
