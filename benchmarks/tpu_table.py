@@ -115,14 +115,17 @@ def render(out: str) -> str:
             hbm = report["hbm_gib"]
             train = _program(report, "train_step")
             sampler = _program(report, "sampler")
-            sampler_cell = _memory(sampler, hbm) + (f" K={sampler['name'].split('K')[-1]}" if sampler else "")
+            # The teacher (2.1) samples autoregressively; the flow models at the largest configured K.
+            label = f" K={sampler['name'].split('K')[-1]}" if sampler else ""
+            label = " (AR)" if cell["experiment"] == "2.1" else label
+            sampler_cell = _memory(sampler, hbm) + label
             tflop = train["flops"] / 1e12 if train and train.get("flops") else None
             rows.append(
                 f"| {experiment} | {slice_name} | {report['batch_per_device']:g} | {_memory(train, hbm)} | "
                 f"{_memory(_program(report, 'eval_step'), hbm)} | {sampler_cell} | "
                 + (f"{tflop:,.1f}" if tflop is not None else "–") + " | "
-                + (f"{report['step_seconds']:.3f}" if report.get("step_seconds") else "–") + " | "
-                + (f"{report['chip_hours']:,.1f} ({report['num_steps']:,} steps)" if report.get("chip_hours") else "–")
+                + (f"{report['step_seconds']:.3g}" if report.get("step_seconds") else "–") + " | "
+                + (f"{report['chip_hours']:,.3g} ({report['num_steps']:,} steps)" if report.get("chip_hours") else "–")
                 + " |")
     return "\n".join(rows)
 

@@ -10,7 +10,7 @@ Variants: `:cpu` (context 64, small student, the full GPT-2 teacher: the teacher
 a few seconds per step on 2 cores) and `:smoke` (seconds, tests; point teacher.hf at a tiny model).
 """
 
-from discreteflow_jax.config.presets import CONTEXT_RECIPE, WARM_RECIPE, apply_variant, tokenflow_defaults
+from discreteflow_jax.config.presets import CONTEXT_RECIPE, WARM_GUMBEL_RECIPE, apply_variant, tokenflow_defaults
 from discreteflow_jax.tasks.gumbel import add_gumbel_sections
 
 VARIANTS = {
@@ -24,10 +24,7 @@ VARIANTS = {
     },
     # Warm start from GPT-2 (docs/warm_start.md): the student is GPT-2 itself (the 3.2 shape) with a
     # flow space, a time map and the logit channel; `:warm` alone, or after `cpu` / `smoke`.
-    "warm": {
-        "gumbel.logit_channel": True, "gumbel.conditioning": "none", "model.singular_logits": False,
-        **WARM_RECIPE, "model.flow_dim": 64,
-    },
+    "warm": {**WARM_GUMBEL_RECIPE, "model.flow_dim": 64},
     "smoke": {
         "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 32,
         "data.seq_len": 32, "train.batch_size": 4, "train.grad_accum": 1, "train.num_steps": 4,

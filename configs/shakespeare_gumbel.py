@@ -13,7 +13,7 @@ instead (a TokenFlow of the `shakespeare_baseline.py:cpu` shape, cross-attention
 (seconds, tests) distills the `:smoke` teacher, cold.
 """
 
-from discreteflow_jax.config.presets import CONTEXT_RECIPE, WARM_RECIPE, apply_variant, tokenflow_defaults
+from discreteflow_jax.config.presets import CONTEXT_RECIPE, WARM_GUMBEL_RECIPE, apply_variant, tokenflow_defaults
 from discreteflow_jax.tasks.gumbel import add_gumbel_sections
 
 # The logit-channel student (docs/gumbel_channel.md): distilled to the teacher's conditional,
@@ -39,9 +39,9 @@ VARIANTS = {
     "logit_channel": LOGIT_CHANNEL,  # after `cpu,cold` or `smoke`: `:cpu,cold,logit_channel`
     # Warm start from the teacher (docs/warm_start.md), a logit-channel student: `:cpu,warm`;
     # `g_softmax` / `g_linear` add a G channel the network reads (`:cpu,g_linear`).
-    "warm": {**LOGIT_CHANNEL, **WARM_RECIPE},
-    "g_softmax": {**LOGIT_CHANNEL, **WARM_RECIPE, "gumbel.g_channel": "softmax"},
-    "g_linear": {**LOGIT_CHANNEL, **WARM_RECIPE, "gumbel.g_channel": "linear"},
+    "warm": {**LOGIT_CHANNEL, **WARM_GUMBEL_RECIPE},
+    "g_softmax": {**LOGIT_CHANNEL, **WARM_GUMBEL_RECIPE, "gumbel.g_channel": "softmax"},
+    "g_linear": {**LOGIT_CHANNEL, **WARM_GUMBEL_RECIPE, "gumbel.g_channel": "linear"},
     "cold": {},  # `:cpu,cold`: no warm start (see variant_names)
     "smoke": {
         "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 16,

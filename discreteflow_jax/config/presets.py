@@ -58,7 +58,8 @@ def tokenflow_defaults() -> ml_collections.ConfigDict:
     c.model.warm_start = False
     c.model.warm_attention = "causal"  # causal | gated (learns to read later positions from a zero gate)
     # Initial flow space: "teacher" (principal directions of its embedding: alike tokens start close,
-    # median nearest-neighbour cosine 0.99 for the :cpu teacher) | "random" (0.65: easier to denoise).
+    # median nearest-neighbour cosine 0.99 for the :cpu teacher) | "random" (0.65: easier to denoise;
+    # the warm recipe's, docs/distill_cpu.md).
     c.model.warm_flow_init = "teacher"
     c.model.warm_align = 0.0  # > 0: + weight·(1 − cos) to the teacher's last hidden state (logit-channel students)
     c.model.warm_input_topk = 0  # > 0: the input posterior over the k likeliest tokens only (cheaper); 0: all
@@ -143,10 +144,14 @@ WARM_RECIPE: dict = {
     # The input posterior over its 64 likeliest tokens: exact at t = 1, and the V-wide input matmul
     # (as large as the output layer's) becomes a gather.
     "model.warm_input_topk": 64,
-    # A random flow table: the teacher's principal directions pack alike tokens together (nearest-
-    # neighbour cosine 0.987), which blurs mid-t inputs; random rows halve the mid-t loss
-    # (docs/distill_cpu.md).
-    "model.warm_flow_init": "random",
+}
+# Warm Gumbel (logit-channel) students: a random flow table. The teacher's principal directions
+# pack alike tokens together (nearest-neighbour cosine 0.987), which blurs mid-t inputs: with
+# random rows the student's mid-t KL is 4-7x lower and its few-step samples better. The warm
+# baseline keeps the teacher's table, whose samples were better (docs/distill_cpu.md).
+WARM_GUMBEL_RECIPE: dict = {
+    "gumbel.logit_channel": True, "gumbel.conditioning": "none", "model.singular_logits": False,
+    **WARM_RECIPE, "model.warm_flow_init": "random",
 }
 # The original recipe (one uniform t per sequence, embedding width = model width, no
 # self-conditioning, no output modulation, sampling at temperature 1 with one t): `:original`, also
