@@ -14,7 +14,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from discreteflow_jax import flow
+from discreteflow_jax import flow, gumbel_sampling
 from discreteflow_jax import gumbel as gmb
 from discreteflow_jax.config import ExperimentConfig
 from discreteflow_jax.models.tokenflow import TokenFlow
@@ -97,15 +97,15 @@ def conditional_sample(
     """Samples [B, T] tokens; positions where ``known_mask_BT`` is True are held (see the module
     docstring for ``condition``) and returned unchanged. An all-False mask is plain sampling.
     ``gumbel`` (a ``GumbelConfig`` with ``logit_channel``): the prior G drawn from ``key`` as in
-    ``gumbel.sample_gumbel_flow`` is added to the logits at every step (at known positions it is
+    ``gumbel_sampling.sample_gumbel_flow`` is added to the logits at every step (at known positions it is
     the prior draw: their tokens are held anyway). ``stagger``: see ``flow.staggered_times``."""
     if condition not in CONDITION_MODES:
         raise ValueError(f"condition must be one of {CONDITION_MODES}, got {condition!r}")
     x0, context = source(key, model, known_tokens_BT, known_mask_BT)
     noise_args = {}
     if gumbel is not None and gumbel.logit_channel:
-        noise_args = gmb.logit_noise_args(model, key, *known_tokens_BT.shape, gumbel)
-        context = gmb.g_channel_context(model, key, *known_tokens_BT.shape, gumbel, context)
+        noise_args = gumbel_sampling.logit_noise_args(model, key, *known_tokens_BT.shape, gumbel)
+        context = gumbel_sampling.g_channel_context(model, key, *known_tokens_BT.shape, gumbel, context)
     e_known = model.embed(known_tokens_BT)
     mask = known_mask_BT[..., None]
 

@@ -15,10 +15,9 @@ import jax.numpy as jnp
 
 from discreteflow_jax.config.schema import TIME_GRIDS, TIME_SAMPLERS
 from discreteflow_jax.models.linear_ce import cross_entropy  # noqa: F401  (re-exported: flow.cross_entropy)
+from discreteflow_jax.models.noisy_argmax import NoiseFn, noisy_readout
 from discreteflow_jax.models.tokenflow import TIME_WARP_GAIN, TokenFlow, per_position
 
-# The logit channel's noise: positions [C] -> noise [B, C, V] (drawn again for each chunk of positions).
-NoiseFn = Callable[[jax.Array], jax.Array]
 # Share of the learned sampler's draws that stay uniform, so no region of t is ever starved.
 WARP_UNIFORM_SHARE = 0.1
 # The largest time a staggered sampler shows the model: positions that have reached the data
@@ -315,7 +314,7 @@ def sample_flow(
     the tempered logits at every step: the step's tokens are argmax(logits/temperature + noise),
     x̂₁ is their embedding (``noise_tau`` = 0) or softmax((logits/temperature + noise)/noise_tau)·E,
     and the final tokens are the argmax of the last noisy logits. The output layer, the noise and
-    the argmax then run ``noise_chunk`` positions at a time (0: all; ``noisy_readout``), so no
+    the argmax then run ``noise_chunk`` positions at a time (0: all; ``models.noisy_argmax``), so no
     [B, T, V] array exists in the loop: the noise is drawn again for each chunk at each step.
 
     ``stagger`` w > 0 gives every position its own time (``staggered_times``; the grid is then the
@@ -362,54 +361,6 @@ def sample_flow(
     init = (x0, jnp.zeros((b, seq_len), jnp.int32), jnp.zeros_like(x0))
     x, tokens, _ = jax.lax.fori_loop(0, steps, body, init)
     return tokens, x
-
-
-def noisy_readout(
-    model: TokenFlow, x: jax.Array, t_B: jax.Array, context: jax.Array | None, noise_fn: NoiseFn, *,
-    temperature: float = 1.0, noise_tau: float = 0.0, chunk: int = 0,
-) -> tuple[jax.Array, jax.Array]:
-    """The logit channel's readout of one network call: (x̂₁ [B, T, f], tokens [B, T]) with tokens =
-    argmax(logits/temperature + noise) and x̂₁ their embedding (``noise_tau`` = 0) or the softmax of
-    the noisy logits at ``noise_tau`` times E.
-
-    The trunk runs once (``model.hidden``); the output layer, ``noise_fn(positions)`` and the
-    argmax run ``chunk`` positions at a time under ``lax.scan`` (0 or T: one chunk), so the
-    [B, T, V] logits and noise never exist whole. Models without ``hidden``/``output_logits``
-    (test oracles) are read whole and sliced. ``t_B`` is [B] or [B, T]."""
-    b, seq_len = x.shape[:2]
-    chunk = seq_len if chunk <= 0 else chunk
-    if seq_len % chunk:
-        raise ValueError(f"noise_chunk={chunk} must divide the sequence length {seq_len}")
-    if hasattr(model, "hidden") and hasattr(model, "output_logits"):
-        h = model.hidden(x, t_B, context).astype(jnp.float32)
-
-        def logits_of(start: jax.Array) -> jax.Array:
-            t_c = t_B if t_B.ndim == 1 else jax.lax.dynamic_slice_in_dim(t_B, start, chunk, axis=1)
-            return model.output_logits(jax.lax.dynamic_slice_in_dim(h, start, chunk, axis=1),
-                                       jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1), t_c)
-    else:
-        whole = model(x, t_B, context)
-
-        def logits_of(start: jax.Array) -> jax.Array:
-            return jax.lax.dynamic_slice_in_dim(whole, start, chunk, axis=1)
-
-    emb = model.embeddings()
-
-    def one_chunk(_, index):
-        start = index * chunk
-        noisy = logits_of(start) / temperature + noise_fn(start + jnp.arange(chunk))
-        tokens = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
-        if noise_tau > 0:
-            x1 = jnp.einsum("bcv,vf->bcf", jax.nn.softmax(noisy / noise_tau, axis=-1), emb)
-        else:
-            x1 = jnp.take(emb, tokens, axis=0)
-        return None, (x1, tokens)
-
-    _, (x1, tokens) = jax.lax.scan(one_chunk, None, jnp.arange(seq_len // chunk))
-    # [chunks, B, C, ...] -> [B, T, ...]
-    x1 = jnp.moveaxis(x1, 0, 1).reshape(b, seq_len, -1)
-    tokens = jnp.moveaxis(tokens, 0, 1).reshape(b, seq_len)
-    return x1, tokens
 
 
 def gaussian_source(key: jax.Array, batch: int, seq_len: int, model: TokenFlow) -> jax.Array:

@@ -3,7 +3,7 @@ teacher's conditional.
 
 h on the plain flow path is matched to ℓ_i = log p_teacher(· | x_<i) by the masked mean
 KL(teacher ‖ student) per token; G enters at sampling time only, as argmax(h + G)
-(``gumbel.sample_gumbel_flow``). Why G enters through the logits: docs/gumbel_channel.md.
+(``gumbel_sampling.sample_gumbel_flow``). Why G enters through the logits: docs/gumbel_channel.md.
 """
 
 from __future__ import annotations

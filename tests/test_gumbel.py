@@ -19,6 +19,7 @@ from flax import nnx
 
 from discreteflow_jax import flow
 from discreteflow_jax import gumbel as gmb
+from discreteflow_jax import gumbel_sampling as gsm
 from discreteflow_jax.config import (
     ConfigError,
     GumbelConfig,
@@ -460,7 +461,7 @@ def test_sampler_matches_a_full_size_reference_and_noise_temperature(conditionin
     graphdef, params = nnx.split(model)
     g_cfg = GumbelConfig(conditioning=conditioning)
     key = jax.random.key(0)
-    run = gmb.make_sampler(graphdef, g_cfg, batch=2, seq_len=16, steps=steps)
+    run = gsm.make_sampler(graphdef, g_cfg, batch=2, seq_len=16, steps=steps)
     out = run(params, key)
     assert out.shape == (2, 16) and out.dtype == jnp.int32
     np.testing.assert_array_equal(out, _reference_sample(model, key, steps, g_cfg, 2, 16))

@@ -20,9 +20,11 @@ from flax import nnx
 import discreteflow_jax as dfj
 from discreteflow_jax import flow
 from discreteflow_jax import gumbel as gmb
+from discreteflow_jax import gumbel_sampling as gsm
 from discreteflow_jax.config import ConfigError, GumbelConfig, TokenFlowConfig, parse_config, parse_gumbel_config
 from discreteflow_jax.config.gumbel import student_config
 from discreteflow_jax.gumbel_distill import gumbel_distill_loss, teacher_log_probs
+from discreteflow_jax.models.noisy_argmax import noisy_readout
 from discreteflow_jax.models.tokenflow import TokenFlow
 from discreteflow_jax.tasks.gumbel import gumbel_task, summarize_gumbel
 
@@ -81,13 +83,13 @@ def test_oracle_student_reproduces_the_teachers_decode_of_the_same_noise() -> No
     b, t = 64, 12
     table = _bigram()
     key = jax.random.key(3)
-    g = gmb.logit_noise(_Oracle(table), key, b, t, LOGIT)  # the G the sampler uses
+    g = gsm.logit_noise(_Oracle(table), key, b, t, LOGIT)  # the G the sampler uses
     # Standard Gumbel draws: mean γ = 0.5772, variance π²/6 = 1.645 (8448 draws: se 0.014 and 0.04).
     assert abs(float(g.mean()) - 0.5772) < 0.06 and abs(float(g.var()) - np.pi**2 / 6) < 0.2
     expected = _teacher_decode(table, g)  # the sampler must decode with this G, not another draw
 
     def run(grid):
-        return np.asarray(gmb.sample_gumbel_flow(_Oracle(table), key, grid, LOGIT, batch=b, seq_len=t))
+        return np.asarray(gsm.sample_gumbel_flow(_Oracle(table), key, grid, LOGIT, batch=b, seq_len=t))
 
     # Position i is final once position i − 1 is: K = T steps decode the whole sequence.
     np.testing.assert_array_equal(run(_jacobi_grid(t)), expected)
@@ -97,7 +99,7 @@ def test_oracle_student_reproduces_the_teachers_decode_of_the_same_noise() -> No
     assert 0.02 < float((one_step == expected).mean()) < 0.9
     # The softened x̂₁ (logit_tau > 0) mixes near-ties, otherwise it reaches the same fixed point.
     soft = dataclasses.replace(LOGIT, logit_tau=0.05)
-    soft_tokens = gmb.sample_gumbel_flow(_Oracle(table), key, _jacobi_grid(t), soft, batch=b, seq_len=t)
+    soft_tokens = gsm.sample_gumbel_flow(_Oracle(table), key, _jacobi_grid(t), soft, batch=b, seq_len=t)
     assert float((np.asarray(soft_tokens) == expected).mean()) > 0.98
 
 
@@ -107,7 +109,7 @@ def test_one_step_draws_from_the_marginal_instead_of_repeating_its_mode() -> Non
     b, t = 256, 16
     marginal = gmb.log_probs(jnp.linspace(1.5, -1.5, V))
     oracle = _Oracle(_bigram(), marginal=marginal)
-    tokens = np.asarray(gmb.sample_gumbel_flow(oracle, jax.random.key(0), flow.time_grid(1), LOGIT, batch=b,
+    tokens = np.asarray(gsm.sample_gumbel_flow(oracle, jax.random.key(0), flow.time_grid(1), LOGIT, batch=b,
                                                seq_len=t))
     counts = np.bincount(tokens.reshape(-1), minlength=V)
     p = np.exp(np.asarray(marginal, np.float64))
@@ -203,10 +205,10 @@ def test_distillation_learns_the_teachers_conditional_and_samples_with_its_coupl
     # Sampling: G from the prior; K = T agrees with the teacher's decode of the same G, K = 1 is diverse.
     trained = nnx.merge(graphdef, params)
     key = jax.random.key(5)
-    g = gmb.logit_noise(trained, key, b, t, LOGIT)
+    g = gsm.logit_noise(trained, key, b, t, LOGIT)
     expected = _teacher_decode(table, g)
-    many = np.asarray(gmb.sample_gumbel_flow(trained, key, flow.time_grid(2 * t), LOGIT, batch=b, seq_len=t))
-    one = np.asarray(gmb.sample_gumbel_flow(trained, key, flow.time_grid(1), LOGIT, batch=b, seq_len=t))
+    many = np.asarray(gsm.sample_gumbel_flow(trained, key, flow.time_grid(2 * t), LOGIT, batch=b, seq_len=t))
+    one = np.asarray(gsm.sample_gumbel_flow(trained, key, flow.time_grid(1), LOGIT, batch=b, seq_len=t))
     agree_many, agree_one = float((many == expected).mean()), float((one == expected).mean())
     distinct = np.mean([len(set(row)) for row in one])
     print(f"KL top bucket {before[top]:.3f} -> {after[top]:.4f}, agree {after['val/gumbel_agree_t0.8-1.0']:.3f}; "
@@ -324,7 +326,7 @@ def test_loaded_model_samples_and_scores_through_the_channel() -> None:
     gcfg, t = parse_gumbel_config(c.gumbel.to_dict()), T_LLAMA
     # A loaded model (what `sample` and `evaluate sweep` run) samples through the same channel.
     loaded = dfj.TokenFlowModel(parse_config(c), graphdef, params, None, "test")
-    np.testing.assert_array_equal(loaded.sample_tokens(3, 2, seed=2), gmb.sample_gumbel_flow(
+    np.testing.assert_array_equal(loaded.sample_tokens(3, 2, seed=2), gsm.sample_gumbel_flow(
         model, jax.random.key(2), flow.time_grid(2), gcfg, batch=3, seq_len=t))
     # Scoring text uses the student's own objective, the KL, as the task's validation does.
     window = np.asarray(jax.random.randint(jax.random.key(7), (1, t), 0, VOCAB_LLAMA), np.int32)
@@ -372,12 +374,12 @@ def test_the_chunked_readout_equals_the_whole_one(noise_tau: float) -> None:
         want_x1, want_tokens = _whole_readout(model, x, t_B, g, 0.8, noise_tau)
         assert len(np.unique(np.asarray(want_tokens))) > 3  # not a degenerate argmax
         for chunk in (1, 2, 8, 0):
-            x1, tokens = flow.noisy_readout(model, x, t_B, None, noise_fn, temperature=0.8, noise_tau=noise_tau,
+            x1, tokens = noisy_readout(model, x, t_B, None, noise_fn, temperature=0.8, noise_tau=noise_tau,
                                             chunk=chunk)
             np.testing.assert_array_equal(tokens, want_tokens)
             np.testing.assert_allclose(x1, want_x1, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="must divide"):
-        flow.noisy_readout(model, x, t_B, None, noise_fn, chunk=3)
+        noisy_readout(model, x, t_B, None, noise_fn, chunk=3)
 
 
 def test_the_logit_channel_sampler_holds_no_whole_batch_by_vocab_array() -> None:
@@ -392,12 +394,12 @@ def test_the_logit_channel_sampler_holds_no_whole_batch_by_vocab_array() -> None
     temps = {}
     for chunk in (2, t):
         gcfg = dataclasses.replace(LOGIT, chunk_size=chunk)
-        sampler = gmb.make_sampler(graphdef, gcfg, batch=b, seq_len=t, steps=4)
+        sampler = gsm.make_sampler(graphdef, gcfg, batch=b, seq_len=t, steps=4)
         temps[chunk] = sampler.lower(params, jax.random.key(0)).compile().memory_analysis().temp_size_in_bytes
         print(f"chunk {chunk}: temporaries {temps[chunk] / 2**20:.2f} MiB, one [B, T, V] {whole / 2**20:.2f} MiB")
     # Measured 1.38 and 16.57 MiB against 4 MiB (CPU XLA): the bound can fail, one chunk is whole.
     assert temps[2] < whole / 2 and temps[t] >= whole
     # Chunked and whole samplers draw the same tokens.
-    tokens = [gmb.make_sampler(graphdef, dataclasses.replace(LOGIT, chunk_size=c), batch=b, seq_len=t, steps=3)(
+    tokens = [gsm.make_sampler(graphdef, dataclasses.replace(LOGIT, chunk_size=c), batch=b, seq_len=t, steps=3)(
         params, jax.random.key(1)) for c in (8, t)]
     np.testing.assert_array_equal(tokens[0], tokens[1])

@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("config", ("config",)),
     ("data", ("data",)),
     ("models", ("models",)),
-    ("maths", ("flow", "gumbel", "gumbel_distill", "conditioning")),
+    ("maths", ("flow", "gumbel", "gumbel_sampling", "gumbel_distill", "conditioning")),
     ("io", ("io",)),
     ("tasks", ("tasks",)),
     ("training", ("training",)),

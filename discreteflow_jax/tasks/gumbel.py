@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from discreteflow_jax import gumbel as gmb
+from discreteflow_jax import gumbel_sampling
 from discreteflow_jax.config import ExperimentConfig, parse_gumbel_config, student_config
 from discreteflow_jax.config.presets import teacher_section
 from discreteflow_jax.gumbel_distill import gumbel_distill_loss
@@ -144,7 +145,7 @@ def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
     def sample_fn(graphdef: Any, params: Any, aux: Any, key: jax.Array, steps: int) -> jax.Array:
         del aux  # G comes from the prior: sampling needs no teacher
         if steps not in samplers:
-            samplers[steps] = gmb.make_sampler(
+            samplers[steps] = gumbel_sampling.make_sampler(
                 graphdef, gcfg, batch=cfg.sample.num_samples, seq_len=cfg.data.seq_len, steps=steps,
                 schedule=cfg.sample.schedule, schedule_param=cfg.sample.schedule_param,
                 temperature=cfg.sample.temperature, stagger=cfg.sample.stagger,

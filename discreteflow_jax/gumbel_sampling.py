@@ -1,0 +1,96 @@
+"""Sampling from a Gumbel-conditioned TokenFlow: the prior G drawn from a key, the student's
+context from it, the logit channel's noise (a function of the positions, drawn a chunk at a time)
+and its G-channel features, and the jitted K-step sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from discreteflow_jax import flow
+from discreteflow_jax.config.gumbel import GumbelConfig
+from discreteflow_jax.gumbel import chunked_context, gumbel_source, prior_draw, resolve_chunk, sample_prior
+from discreteflow_jax.models.tokenflow import TokenFlow
+
+
+def sample_gumbel_flow(
+    model: TokenFlow,
+    key: jax.Array,
+    grid: jax.Array,
+    gumbel: GumbelConfig,
+    *,
+    batch: int,
+    seq_len: int,
+    temperature: float = 1.0,
+    stagger: float = 0.0,
+) -> jax.Array:
+    """Tokens [B, T] from a Gumbel-conditioned TokenFlow in ``len(grid) − 1`` flow steps (any K ≥ 1)."""
+    x0, context = gumbel_source(model, key, batch, seq_len, gumbel)
+    context = g_channel_context(model, key, batch, seq_len, gumbel, context)
+    return flow.sample_flow(
+        model, x0, grid, context=context, temperature=temperature, stagger=stagger,
+        **logit_noise_args(model, key, batch, seq_len, gumbel),
+    )[0]
+
+
+def logit_noise(model: TokenFlow, key: jax.Array, batch: int, seq_len: int, gumbel: GumbelConfig) -> jax.Array | None:
+    """The logit channel's noise for sampling, ``sample_temperature``·G [B, T, V] fp32, from the same
+    key and draws as ``gumbel_source``'s context (both see one G); None without the channel. The
+    sampler draws the same numbers a chunk at a time (``logit_noise_args``); this whole array is
+    the reference."""
+    if not gumbel.logit_channel:
+        return None
+    g_key = jax.random.split(key)[0]  # the split gumbel_source makes
+    return gumbel.sample_temperature * sample_prior(g_key, batch, seq_len, model.cfg.vocab_size)
+
+
+def logit_noise_args(model: Any, key: jax.Array, batch: int, seq_len: int, gumbel: GumbelConfig) -> dict:
+    """``sample_flow``'s logit-channel arguments: the noise of ``logit_noise`` as a function of the
+    positions (drawn a chunk at a time, the same numbers), its τ and chunk; {} without the channel."""
+    if not gumbel.logit_channel:
+        return {}
+    g_key, vocab = jax.random.split(key)[0], model.cfg.vocab_size  # the split gumbel_source makes
+
+    def noise_fn(positions: jax.Array) -> jax.Array:
+        draws = jax.vmap(lambda p: prior_draw(g_key, p, batch, vocab), out_axes=1)(positions)
+        return gumbel.sample_temperature * draws
+
+    return {"logit_noise": noise_fn, "noise_tau": gumbel.logit_tau,
+            "noise_chunk": resolve_chunk(seq_len, batch, vocab, gumbel.chunk_size)}
+
+
+def g_channel_context(model: Any, key: jax.Array, batch: int, seq_len: int, gumbel: GumbelConfig,
+                      context: jax.Array | None) -> jax.Array | None:
+    """A warm student's G-channel input for sampling: its features of the prior G the logit channel
+    adds (same draws, unscaled), a chunk of positions at a time. Otherwise ``context``."""
+    if not gumbel.logit_channel or getattr(model.cfg, "g_channel", "none") == "none":
+        return context
+    g_key, vocab = jax.random.split(key)[0], model.cfg.vocab_size  # the key logit_noise draws from
+    chunk = resolve_chunk(seq_len, batch, vocab, gumbel.chunk_size)
+
+    def noise_fn(start: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        xi = jax.vmap(lambda p: prior_draw(g_key, p, batch, vocab), out_axes=1)(positions)
+        return xi, jnp.zeros((batch, positions.shape[0]), jnp.float32)
+
+    return chunked_context(noise_fn, None, seq_len=seq_len, chunk=chunk, tau=1.0, remat=False,
+                           reduce=model.g_features)[0]
+
+
+def make_sampler(
+    graphdef: nnx.GraphDef, gumbel: GumbelConfig, *, batch: int, seq_len: int, steps: int, schedule: str = "uniform",
+    schedule_param: float = 2.0, temperature: float = 1.0, stagger: float = 0.0,
+) -> Callable[[Any, jax.Array], jax.Array]:
+    """A jitted ``(params, key) -> tokens`` sampler for K = ``steps``."""
+    grid = flow.time_grid(steps, schedule, schedule_param)
+
+    def run(params: Any, key: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, params)
+        return sample_gumbel_flow(model, key, grid, gumbel, batch=batch, seq_len=seq_len, temperature=temperature,
+                                  stagger=stagger)
+
+    return jax.jit(run)
+
