@@ -75,8 +75,9 @@ def run_cells(out: str, experiments: list[str], slices: list[str], train_only: b
                 with open(path + ".tmp") as f:
                     report = json.load(f)
                 os.remove(path + ".tmp")
-            cell = {"experiment": experiment, "slice": slice_name, "command": shlex.join(cmd[:-1] if train_only
-                    else cmd), "exit_status": status, "compile_seconds": round(seconds, 1), "report": report}
+            shown = cell_command(experiment, slice_name, path, train_only)  # the command a user runs
+            cell = {"experiment": experiment, "slice": slice_name, "command": shlex.join(shown), "exit_status": status,
+                    "compile_seconds": round(seconds, 1), "report": report}
             if not report:
                 cell["log_tail"] = tail
             with open(path, "w") as f:
