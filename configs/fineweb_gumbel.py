@@ -2,7 +2,13 @@
 FineWeb sample-10BT with the GPT-2 tokenizer, context 1024, 12 layers, 12 heads, dim 768
 (non-causal; causal with --config.causal=True).
 
-    python -m discreteflow_jax.main --config=configs/fineweb_gumbel.py --workdir=DIR
+    python -m discreteflow_jax.main --config=configs/fineweb_gumbel.py:warm --workdir=DIR   # recommended
+    python -m discreteflow_jax.main --config=configs/fineweb_gumbel.py --workdir=DIR        # the original's
+
+`:warm` (recommended) starts the student from GPT-2 itself (the 3.2 student has its exact shape), a
+logit-channel student with a random flow table, the recipe that won the Shakespeare study
+(docs/distill_cpu.md; not trained at FineWeb scale here). Without it, experiment 3.2 as the
+original defines it: a cold student with cross-attention conditioning.
 
 The teacher is the Hugging Face `gpt2` checkpoint (downloaded when online); offline, pass a local
 HF directory with --config.teacher.hf=DIR and data with --config.data.local_path=FILE_OR_DIR.
