@@ -44,6 +44,11 @@ def prior_draw(key: jax.Array, position: jax.Array | int, batch: int, vocab: int
     return jax.random.gumbel(position_key(key, position), (batch, vocab), jnp.float32)
 
 
+def prior_draws(key: jax.Array, positions: jax.Array, batch: int, vocab: int) -> jax.Array:
+    """``prior_draw`` of each position, [B, C, V] fp32."""
+    return jax.vmap(lambda p: prior_draw(key, p, batch, vocab), out_axes=1)(positions)
+
+
 def max_draw(key: jax.Array, position: jax.Array | int, batch: int) -> jax.Array:
     """M ~ Gumbel(0) of one position, [B] fp32: the perturbed value of the observed token."""
     return jax.random.gumbel(jax.random.fold_in(position_key(key, position), 1), (batch,), jnp.float32)
@@ -51,7 +56,7 @@ def max_draw(key: jax.Array, position: jax.Array | int, batch: int) -> jax.Array
 
 def chunk_draws(key: jax.Array, positions: jax.Array, batch: int, vocab: int) -> tuple[jax.Array, jax.Array]:
     """(ξ [B, C, V], M [B, C]) for the given positions; identical to drawing them one by one."""
-    xi = jax.vmap(lambda p: prior_draw(key, p, batch, vocab), out_axes=1)(positions)
+    xi = prior_draws(key, positions, batch, vocab)
     m = jax.vmap(lambda p: max_draw(key, p, batch), out_axes=1)(positions)
     return xi, m
 
@@ -237,7 +242,7 @@ def prior_context(
     vocab = emb_VD.shape[0]
 
     def noise_fn(start: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        xi = jax.vmap(lambda p: prior_draw(key, p, batch, vocab), out_axes=1)(positions)
+        xi = prior_draws(key, positions, batch, vocab)
         return scale * xi, jnp.zeros((batch, positions.shape[0]), jnp.float32)
 
     return chunked_context(noise_fn, emb_VD, seq_len=seq_len, chunk=chunk, tau=tau, remat=remat)[0]

@@ -13,7 +13,7 @@ from flax import nnx
 
 from discreteflow_jax import flow
 from discreteflow_jax.config.gumbel import GumbelConfig
-from discreteflow_jax.gumbel import chunked_context, gumbel_source, prior_draw, resolve_chunk, sample_prior
+from discreteflow_jax.gumbel import chunked_context, gumbel_source, prior_draws, resolve_chunk, sample_prior
 from discreteflow_jax.models.tokenflow import TokenFlow
 
 
@@ -56,8 +56,7 @@ def logit_noise_args(model: Any, key: jax.Array, batch: int, seq_len: int, gumbe
     g_key, vocab = jax.random.split(key)[0], model.cfg.vocab_size  # the split gumbel_source makes
 
     def noise_fn(positions: jax.Array) -> jax.Array:
-        draws = jax.vmap(lambda p: prior_draw(g_key, p, batch, vocab), out_axes=1)(positions)
-        return gumbel.sample_temperature * draws
+        return gumbel.sample_temperature * prior_draws(g_key, positions, batch, vocab)
 
     return {"logit_noise": noise_fn, "noise_tau": gumbel.logit_tau,
             "noise_chunk": resolve_chunk(seq_len, batch, vocab, gumbel.chunk_size)}
@@ -73,7 +72,7 @@ def g_channel_context(model: Any, key: jax.Array, batch: int, seq_len: int, gumb
     chunk = resolve_chunk(seq_len, batch, vocab, gumbel.chunk_size)
 
     def noise_fn(start: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        xi = jax.vmap(lambda p: prior_draw(g_key, p, batch, vocab), out_axes=1)(positions)
+        xi = prior_draws(g_key, positions, batch, vocab)
         return xi, jnp.zeros((batch, positions.shape[0]), jnp.float32)
 
     return chunked_context(noise_fn, None, seq_len=seq_len, chunk=chunk, tau=1.0, remat=False,
