@@ -12,10 +12,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from discreteflow_jax import flow
 from discreteflow_jax import gumbel as gmb
 from discreteflow_jax.models.generate import teacher_fns, teacher_inputs
+from discreteflow_jax.models.noisy_argmax import noisy_readout
 from discreteflow_jax.models.tokenflow import TokenFlow, per_position
 
 
@@ -38,6 +40,65 @@ def alignment_loss(student_hidden: jax.Array, teacher_hidden: jax.Array, mask_BT
     t = teacher_hidden.astype(jnp.float32)
     cos = jnp.sum(s * t, -1) * jax.lax.rsqrt(jnp.sum(s * s, -1) * jnp.sum(t * t, -1) + 1e-12)
     return jnp.sum((1.0 - cos) * mask_BT) / jnp.maximum(mask_BT.sum(), 1.0)
+
+
+def sampler_states(
+    model: TokenFlow,
+    x0: jax.Array,
+    g: jax.Array,
+    context: jax.Array | None,
+    steps_done: jax.Array,
+    grid: jax.Array,
+    *,
+    noise_tau: float = 0.0,
+    chunk: int = 0,
+) -> jax.Array:
+    """The state x [B, T, d] of the logit-channel sampler (``flow.sample_flow`` with noise ``g``
+    [B, T, V], temperature 1) after ``steps_done`` [B] of its steps along ``grid``, no gradient.
+
+    Row b takes the sampler's first ``steps_done[b]`` steps from ``x0[b]`` (at most len(grid) − 2:
+    the last step's state is never read). At sampling time the network reads exactly these states,
+    built from its own earlier tokens; the clean path t·E[x] + (1 − t)·x0 it is trained on
+    otherwise holds the true tokens instead."""
+    graphdef, state = nnx.split(model)
+    frozen = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+    context = None if context is None else jax.lax.stop_gradient(context)
+    g = jax.lax.stop_gradient(g)
+
+    def noise_fn(positions: jax.Array) -> jax.Array:
+        return jnp.take(g, positions, axis=1)
+
+    def body(i: jax.Array, x: jax.Array) -> jax.Array:
+        t, t_next = grid[i], grid[i + 1]
+        x1_hat, _ = noisy_readout(frozen, x, jnp.full((x.shape[0],), t), context, noise_fn,
+                                  noise_tau=noise_tau, chunk=chunk)
+        return jnp.where((i < steps_done)[:, None, None], flow.euler_update(x, x1_hat, t, t_next), x)
+
+    x = jax.lax.fori_loop(0, grid.shape[0] - 2, body, x0.astype(jnp.float32))
+    return jax.lax.stop_gradient(x)
+
+
+def with_sampler_states(
+    model: TokenFlow, x_t: jax.Array, t_B: jax.Array, x0: jax.Array, g: jax.Array, context: jax.Array | None,
+    key: jax.Array, gumbel: gmb.GumbelConfig, share: float,
+) -> tuple[jax.Array, jax.Array]:
+    """(x_t, t_B) with the first round(share·B) sequences replaced by the sampler's own states
+    (``sampler_states`` on a uniform grid of ``gumbel.rollout_steps`` steps, 1..K−1 steps taken, drawn per
+    sequence) and their grid times. t_B keeps its shape ([B] or [B, T])."""
+    b = x_t.shape[0]
+    n = int(round(share * b))
+    if n == 0:
+        return x_t, t_B
+    steps = gumbel.rollout_steps
+    grid = flow.time_grid(steps)
+    done = jax.random.randint(key, (n,), 1, steps)
+    chunk = gmb.resolve_chunk(x_t.shape[1], n, g.shape[-1], gumbel.chunk_size)
+    rolled = sampler_states(model, x0[:n], g[:n], None if context is None else context[:n], done, grid,
+                            noise_tau=gumbel.logit_tau, chunk=chunk)
+    x_t = x_t.at[:n].set(rolled.astype(x_t.dtype))
+    t_rows = grid[done].astype(t_B.dtype)
+    t_B = t_B.at[:n].set(t_rows if t_B.ndim == 1 else jnp.broadcast_to(t_rows[:, None], (n, t_B.shape[1])))
+    return x_t, t_B
 
 
 def distill_pairs(
@@ -89,10 +150,14 @@ def gumbel_distill_loss(
     t_B: jax.Array | None = None,
     known_BT: jax.Array | None = None,
     token_time_prob: float = 0.0,
+    rollout_prob: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Masked mean over tokens of KL(p_teacher(· | x_<i) ‖ softmax(h_i)), h the student's network
     logits on x_t (Gaussian x0 unless conditioning="x0"). Known positions (``known_BT``) enter clean
-    and are not scored, as in ``flow.flow_loss``. Metrics: ``flow.flow_metrics`` of the per-token KL,
+    and are not scored, as in ``flow.flow_loss``. ``rollout_prob`` > 0: that share of the sequences
+    enters as the sampler's own state instead (``with_sampler_states``; the target is unchanged:
+    the teacher's conditional given the true prefix, whose Gumbel-max under G is the true token).
+    Metrics: ``flow.flow_metrics`` of the per-token KL,
     ``teacher_nll_sum`` over ``teacher_tokens`` targets, ``gumbel_agree_sum`` = Σ mask·[argmax(h + G) = x]
     (how often a sampler at that t would emit the teacher's token for the same G) and its t-buckets
     ``bucket_agree_sum``."""
@@ -108,12 +173,15 @@ def gumbel_distill_loss(
     if x0 is None:
         x0 = model.cfg.sigma * jax.random.normal(x0_key, x1.shape, jnp.float32)
     x_t = flow.noisy_path(x1, x0, t_B)
+    if getattr(model.cfg, "g_channel", "none") != "none":
+        context = model.g_features(g)  # the G channel: the network reads the noise of the pair
+    if rollout_prob > 0:
+        x_t, t_B = with_sampler_states(model, x_t, t_B, x0, g, context, jax.random.fold_in(key, 0x2011),
+                                       gumbel, rollout_prob)
     mask = mask_BT.astype(jnp.float32)
     if known_BT is not None:
         x_t = jnp.where(known_BT[..., None], x1, x_t)
         mask = mask * (1.0 - known_BT.astype(jnp.float32))
-    if getattr(model.cfg, "g_channel", "none") != "none":
-        context = model.g_features(g)  # the G channel: the network reads the noise of the pair
     align = getattr(model.cfg, "warm_align", 0.0)
     if align > 0:  # a warm student: its last residual stream is aligned with the teacher's
         student_hidden = model.hidden(x_t, t_B, context)

@@ -33,6 +33,10 @@ class GumbelConfig:
     g_channel: str = "none"  # "none" | "softmax" | "linear"
     g_channel_rank: int = 64
     g_channel_tau: float = 1.0
+    # Sampler-state training of a logit-channel student (``gumbel_distill.sampler_states``): the
+    # share of each batch's sequences that enter as the K-step sampler's own state, K = rollout_steps.
+    rollout_prob: float = 0.0
+    rollout_steps: int = 4
 
 
 def parse_gumbel_config(section: Mapping[str, Any] | None) -> GumbelConfig:
@@ -70,6 +74,15 @@ def parse_gumbel_config(section: Mapping[str, Any] | None) -> GumbelConfig:
         raise ConfigError(f"config.gumbel.g_channel_rank must be a positive integer, got {g.g_channel_rank!r}")
     if not g.g_channel_tau > 0:
         raise ConfigError(f"config.gumbel.g_channel_tau must be > 0, got {g.g_channel_tau}")
+    if not 0.0 <= g.rollout_prob <= 1.0:
+        raise ConfigError(f"config.gumbel.rollout_prob is a share of the batch's sequences, in [0, 1]; "
+                          f"got {g.rollout_prob}")
+    if not isinstance(g.rollout_steps, int) or isinstance(g.rollout_steps, bool) or g.rollout_steps < 2:
+        raise ConfigError(f"config.gumbel.rollout_steps (the K of the sampler whose states are trained on) must be an "
+                          f"integer >= 2, got {g.rollout_steps!r}")
+    if g.rollout_prob > 0 and not g.logit_channel:
+        raise ConfigError("config.gumbel.rollout_prob > 0 trains a logit-channel student on its sampler's states; set "
+                          "config.gumbel.logit_channel=True or rollout_prob=0")
     if not isinstance(g.chunk_size, int) or isinstance(g.chunk_size, bool) or g.chunk_size < 0:
         raise ConfigError(f"config.gumbel.chunk_size must be an integer >= 0 (0 = automatic), got {g.chunk_size!r}")
     return g

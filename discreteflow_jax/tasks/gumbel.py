@@ -73,6 +73,11 @@ def add_gumbel_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.gumbel.g_channel = "none"
     c.gumbel.g_channel_rank = 64  # r of the linear channel
     c.gumbel.g_channel_tau = 1.0  # τ of the softmax channel
+    # Sampler-state training (logit channel): this share of each batch's sequences is trained on the
+    # state the K-step sampler (K = rollout_steps, uniform grid) reaches from its own x0 and G after
+    # 1..K−1 of its steps, instead of on the clean path x_t (docs/distill_cpu.md). 0: off.
+    c.gumbel.rollout_prob = 0.0
+    c.gumbel.rollout_steps = 4
 
     c.teacher = teacher_section()
     return c
@@ -122,12 +127,15 @@ def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
     # The logit channel distills the teacher's conditional; the other students learn the flow CE.
     student_loss = gumbel_distill_loss if gcfg.logit_channel else gmb.gumbel_flow_loss
 
+    # Sampler-state rows are a training device: validation keeps the clean path at stratified t.
+    rollout_args = {"rollout_prob": gcfg.rollout_prob} if gcfg.rollout_prob > 0 else {}
+
     def loss_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):
         mask = jnp.ones(tokens.shape, jnp.float32)
         return student_loss(
             model, frozen_teacher(aux), tokens, mask, key, gcfg, bos_id=bos, time_sampler=fc.time_sampler,
             time_param=fc.time_param, num_buckets=fc.num_buckets, known_BT=known_positions(fc, tokens.shape, key),
-            token_time_prob=fc.token_time_prob,
+            token_time_prob=fc.token_time_prob, **rollout_args,
         )
 
     def eval_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):
