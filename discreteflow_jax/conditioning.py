@@ -93,12 +93,14 @@ def conditional_sample(
     condition: str = "clamp",
     gumbel: gmb.GumbelConfig | None = None,
     stagger: float = 0.0,
+    polish_steps: int = 0,
 ) -> jax.Array:
     """Samples [B, T] tokens; positions where ``known_mask_BT`` is True are held (see the module
     docstring for ``condition``) and returned unchanged. An all-False mask is plain sampling.
     ``gumbel`` (a ``GumbelConfig`` with ``logit_channel``): the prior G drawn from ``key`` as in
     ``gumbel_sampling.sample_gumbel_flow`` is added to the logits at every step (at known positions it is
-    the prior draw: their tokens are held anyway). ``stagger``: see ``flow.staggered_times``."""
+    the prior draw: their tokens are held anyway). ``stagger``: see ``flow.staggered_times``.
+    ``polish_steps``: Jacobi calls after the flow (``gumbel_sampling.polish``; logit channel only)."""
     if condition not in CONDITION_MODES:
         raise ValueError(f"condition must be one of {CONDITION_MODES}, got {condition!r}")
     x0, context = source(key, model, known_tokens_BT, known_mask_BT)
@@ -115,4 +117,6 @@ def conditional_sample(
 
     tokens, _ = flow.sample_flow(model, x0, grid, context=context, temperature=temperature, clamp_fn=clamp,
                                  stagger=stagger, **noise_args)
-    return jnp.where(known_mask_BT, known_tokens_BT, tokens)
+    tokens = jnp.where(known_mask_BT, known_tokens_BT, tokens)
+    return gumbel_sampling.polish(model, tokens, context, noise_args, polish_steps, temperature=temperature,
+                                  known_BT=known_mask_BT)

@@ -49,6 +49,8 @@ flags.DEFINE_bool("mauve", True, "MAUVE of every row against held-out validation
 flags.DEFINE_bool("match_entropy", True, "Gen-PPL at the temperature that matches the validation text's entropy "
                   "(a temperature search per row)", flag_values=FLAGS)
 flags.DEFINE_integer("match_evals", 4, "extra sampling runs per row for that search", flag_values=FLAGS)
+flags.DEFINE_integer("polish_steps", 0, "logit-channel Gumbel students: Jacobi calls after the K flow steps "
+                     "(each row then costs K + polish_steps network calls)", flag_values=FLAGS)
 flags.DEFINE_integer("scorer_batch_size", 32, "sequences per scorer call", flag_values=FLAGS)
 flags.DEFINE_string("data_dir", None, "offline data folder (tokenizers, validation text)", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "output folder for sweep.md/.csv/.json/.png and samples/", flag_values=FLAGS)
@@ -75,7 +77,7 @@ def main(argv: list[str]) -> int:
             batch_size=FLAGS.batch_size, schedule=FLAGS.schedule, schedule_param=FLAGS.schedule_param,
             temperature=FLAGS.temperature, stagger=FLAGS.stagger, teacher_temperature=FLAGS.teacher_temperature,
             ngram=FLAGS.ngram, length=FLAGS.length, mauve=FLAGS.mauve, match_entropy=FLAGS.match_entropy,
-            match_evals=FLAGS.match_evals,
+            match_evals=FLAGS.match_evals, polish_steps=FLAGS.polish_steps,
         )
         models = parse_models(FLAGS.models)
         report = run_sweep(models, FLAGS.scorer, settings, FLAGS.out, FLAGS.data_dir, FLAGS.scorer_tokenizer,

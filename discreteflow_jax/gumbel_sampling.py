@@ -14,6 +14,7 @@ from flax import nnx
 from discreteflow_jax import flow
 from discreteflow_jax.config.gumbel import GumbelConfig
 from discreteflow_jax.gumbel import chunked_context, gumbel_source, prior_draws, resolve_chunk, sample_prior
+from discreteflow_jax.models.noisy_argmax import noisy_readout
 from discreteflow_jax.models.tokenflow import TokenFlow
 
 
@@ -27,14 +28,41 @@ def sample_gumbel_flow(
     seq_len: int,
     temperature: float = 1.0,
     stagger: float = 0.0,
+    polish_steps: int = 0,
 ) -> jax.Array:
-    """Tokens [B, T] from a Gumbel-conditioned TokenFlow in ``len(grid) − 1`` flow steps (any K ≥ 1)."""
+    """Tokens [B, T] from a Gumbel-conditioned TokenFlow in ``len(grid) − 1`` flow steps (any K ≥ 1),
+    then ``polish_steps`` Jacobi calls (``polish``; logit channel only)."""
     x0, context = gumbel_source(model, key, batch, seq_len, gumbel)
     context = g_channel_context(model, key, batch, seq_len, gumbel, context)
-    return flow.sample_flow(
-        model, x0, grid, context=context, temperature=temperature, stagger=stagger,
-        **logit_noise_args(model, key, batch, seq_len, gumbel),
-    )[0]
+    noise_args = logit_noise_args(model, key, batch, seq_len, gumbel)
+    tokens = flow.sample_flow(model, x0, grid, context=context, temperature=temperature, stagger=stagger,
+                              **noise_args)[0]
+    return polish(model, tokens, context, noise_args, polish_steps, temperature=temperature)
+
+
+def polish(model: Any, tokens: jax.Array, context: jax.Array | None, noise_args: dict, steps: int, *,
+           temperature: float | jax.Array = 1.0, known_BT: jax.Array | None = None) -> jax.Array:
+    """``steps`` Jacobi calls of a logit-channel student after its flow: the network reads its own
+    tokens clean (t = ``flow.MAX_MODEL_TIME``) and each call's tokens are argmax(logits/temperature + G)
+    with the sampler's G. The network logits estimate the teacher's conditional given the left
+    context, so this is Jacobi iteration of the teacher's Gumbel-max decode of the same G: it can only
+    fix positions left to right, and T calls reach its fixed point (docs/distill_cpu.md). Known
+    positions (``known_BT``) are held. ``noise_args`` are ``logit_noise_args``'s; {} or 0 steps: no-op."""
+    if steps <= 0:
+        return tokens
+    if not noise_args:
+        raise ValueError("polishing needs the Gumbel logit channel (gumbel.logit_channel=True): its G fixes the "
+                         "Jacobi iteration's target")
+    emb = model.embeddings()
+    b, seq_len = tokens.shape
+    t_B = jnp.full((b,), flow.MAX_MODEL_TIME)
+
+    def call(_, tok: jax.Array) -> jax.Array:
+        new = noisy_readout(model, jnp.take(emb, tok, axis=0), t_B, context, noise_args["logit_noise"],
+                            temperature=temperature, chunk=noise_args["noise_chunk"])[1]
+        return new if known_BT is None else jnp.where(known_BT, tok, new)
+
+    return jax.lax.fori_loop(0, steps, call, tokens)
 
 
 def logit_noise(model: TokenFlow, key: jax.Array, batch: int, seq_len: int, gumbel: GumbelConfig) -> jax.Array | None:
@@ -81,15 +109,15 @@ def g_channel_context(model: Any, key: jax.Array, batch: int, seq_len: int, gumb
 
 def make_sampler(
     graphdef: nnx.GraphDef, gumbel: GumbelConfig, *, batch: int, seq_len: int, steps: int, schedule: str = "uniform",
-    schedule_param: float = 2.0, temperature: float = 1.0, stagger: float = 0.0,
+    schedule_param: float = 2.0, temperature: float = 1.0, stagger: float = 0.0, polish_steps: int = 0,
 ) -> Callable[[Any, jax.Array], jax.Array]:
-    """A jitted ``(params, key) -> tokens`` sampler for K = ``steps``."""
+    """A jitted ``(params, key) -> tokens`` sampler for K = ``steps`` (then ``polish_steps`` Jacobi calls)."""
     grid = flow.time_grid(steps, schedule, schedule_param)
 
     def run(params: Any, key: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, params)
         return sample_gumbel_flow(model, key, grid, gumbel, batch=batch, seq_len=seq_len, temperature=temperature,
-                                  stagger=stagger)
+                                  stagger=stagger, polish_steps=polish_steps)
 
     return jax.jit(run)
 

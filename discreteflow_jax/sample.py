@@ -41,6 +41,8 @@ flags.DEFINE_enum("schedule", None, list(TIME_GRIDS), "flow time grid (default: 
 flags.DEFINE_float("schedule_param", None, "exponent of the power time grid", flag_values=FLAGS)
 flags.DEFINE_float("stagger", None, "flow: > 0 denoises left positions first (flow.staggered_times; "
                    "default: the config's)", flag_values=FLAGS)
+flags.DEFINE_integer("polish_steps", 0, "logit-channel Gumbel students: Jacobi calls after the flow steps "
+                     "(gumbel_sampling.polish)", flag_values=FLAGS)
 flags.DEFINE_string("prompt", None, "text the samples start with", flag_values=FLAGS)
 flags.DEFINE_string("template", None, "text with blanks (___) to fill in (flow models only)", flag_values=FLAGS)
 flags.DEFINE_integer("blank_length", None, "tokens per blank of --template", flag_values=FLAGS)
@@ -104,6 +106,8 @@ def main(argv: list[str]) -> int:
             kwargs["temperature"] = args.temperature
         if args.stagger is not None:
             kwargs["stagger"] = args.stagger
+        if args.polish_steps:
+            kwargs["polish_steps"] = args.polish_steps
         texts, steps = sample_texts(model, args.num_samples, args.steps, args.seed, batch_size=args.batch_size,
                                     length=args.length, **kwargs)
     except (ValueError, *USER_ERRORS) as err:  # bad flags and unreadable workdirs: a message, no traceback

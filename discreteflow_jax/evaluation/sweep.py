@@ -64,6 +64,7 @@ class SweepSettings:
     mauve: bool = True  # MAUVE of each cell against the validation text (scorer features)
     match_entropy: bool = True  # Gen-PPL at the temperature matching the validation text's entropy
     match_evals: int = 4  # at most this many extra sampling runs per cell for that search
+    polish_steps: int = 0  # logit-channel students: Jacobi calls after the K flow steps (gumbel_sampling.polish)
 
     def validate(self) -> None:
         if not self.steps or min(self.steps) < 1:
@@ -76,6 +77,8 @@ class SweepSettings:
             raise ValueError("temperatures must be > 0")
         if self.stagger is not None and not 0 <= self.stagger < float("inf"):
             raise ValueError(f"--stagger must be a finite number >= 0, got {self.stagger}")
+        if self.polish_steps < 0:
+            raise ValueError(f"--polish_steps must be >= 0, got {self.polish_steps}")
         if self.ngram < 1 or self.length < 0:
             raise ValueError("--ngram must be >= 1 and --length >= 0")
 
@@ -93,6 +96,8 @@ def draw_samples(model: Any, steps: int | None, settings: SweepSettings, length:
         kwargs = {"schedule": settings.schedule, "schedule_param": settings.schedule_param,
                   "temperature": settings.temperature if temperature is None else temperature,
                   "stagger": settings.stagger}
+        if settings.polish_steps:
+            kwargs["polish_steps"] = settings.polish_steps
     rows = sample_batches(model, settings.num_samples, steps, settings.seed, batch_size=settings.batch_size, **kwargs)
     return rows[:, :length]
 
@@ -163,6 +168,7 @@ def evaluate_cell(model: Any, name: str, steps: int | None, scorer: Scorer, sett
     }
     if not is_autoregressive(model):  # the stagger this cell was sampled with
         row["stagger"] = float(model.config.sample.stagger if settings.stagger is None else settings.stagger)
+        row["polish"] = settings.polish_steps  # network calls per sample: K + polish
     row.update(quality_columns(model, steps, tokens, row, scorer, settings, length, reference))
     texts = [model.tokenizer.decode(ids) for ids in cut]
     return row, texts
@@ -239,6 +245,10 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
     loaded = {name: load(path, data_dir) for name, path in models.items()}
     if not any(is_autoregressive(m) for m in loaded.values()):
         log.warning("no autoregressive teacher among --models: the table will have no teacher reference")
+    if settings.polish_steps:  # before any sampling: only logit-channel students polish
+        for model in loaded.values():
+            if not is_autoregressive(model):
+                model.check_polish(settings.polish_steps)
     length = settings.length or default_length(loaded.values())
     too_short = [n for n, m in loaded.items() if m.sample_length < length]
     if too_short:

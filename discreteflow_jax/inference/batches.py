@@ -45,12 +45,13 @@ def sample_texts(model: Any, num_samples: int, steps: int | None = None, seed: i
                  length: int = 0, **sample_kwargs: Any) -> tuple[list[str], int | None]:
     """Texts (each up to its first EOS) of ``sample_batches``; returns (texts, the K used, None for
     a teacher). K defaults to the training config's; ``length`` 0 is the model's own sample length.
-    Flow-only options (``schedule``, ``schedule_param``, ``condition``, ``stagger``) are dropped for a teacher."""
+    Flow-only options (``schedule``, ``schedule_param``, ``condition``, ``stagger``, ``polish_steps``) are dropped
+    for a teacher."""
     if is_autoregressive(model):
         if steps is not None:
             log.warning("steps (K) do not apply to an autoregressive model")
         steps = None
-        for name in ("schedule", "schedule_param", "condition", "stagger"):
+        for name in ("schedule", "schedule_param", "condition", "stagger", "polish_steps"):
             sample_kwargs.pop(name, None)
         sample_kwargs["length"] = length or model.sample_length
     else:

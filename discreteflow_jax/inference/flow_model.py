@@ -79,8 +79,8 @@ class TokenFlowModel:
         return nnx.merge(self.graphdef, self.params)
 
     # -- sampling ----------------------------------------------------------------------------
-    def _program(self, condition: str, known_noise: str, stagger: float) -> Callable:
-        if (condition, known_noise, stagger) not in self._programs:
+    def _program(self, condition: str, known_noise: str, stagger: float, polish_steps: int = 0) -> Callable:
+        if (condition, known_noise, stagger, polish_steps) not in self._programs:
             graphdef, prior = self.graphdef, source_for(self.config, known_noise)
             gcfg = self._gumbel_config() if self.kind == "gumbel" else None
 
@@ -88,10 +88,10 @@ class TokenFlowModel:
                 model = nnx.merge(graphdef, params)
                 return conditional_sample(model, key, grid, known_tokens, known_mask, source=prior,
                                           temperature=temperature, condition=condition, gumbel=gcfg,
-                                          stagger=stagger)
+                                          stagger=stagger, polish_steps=polish_steps)
 
-            self._programs[condition, known_noise, stagger] = jax.jit(run)
-        return self._programs[condition, known_noise, stagger]
+            self._programs[condition, known_noise, stagger, polish_steps] = jax.jit(run)
+        return self._programs[condition, known_noise, stagger, polish_steps]
 
     def sample_tokens(
         self,
@@ -111,6 +111,7 @@ class TokenFlowModel:
         known_noise: str = "posterior",
         length: int | None = None,
         stagger: float | None = None,
+        polish_steps: int = 0,
     ) -> np.ndarray:
         """[n, length] sampled token ids (length defaults to the training context).
 
@@ -119,7 +120,8 @@ class TokenFlowModel:
         ``flow.staggered_times``). Known positions come from ``prompt`` (a prefix), ``template`` (text with blanks)
         or ``known_tokens`` + ``known_mask`` ([length], [1, length] or [n, length]); ``condition``
         is "clamp" or "path" (see ``discreteflow_jax.conditioning``); ``known_noise`` ("posterior" | "prior") is how a
-        Gumbel model's noise at known positions is drawn (see ``conditioning.gumbel_prior``).
+        Gumbel model's noise at known positions is drawn (see ``conditioning.gumbel_prior``). ``polish_steps``
+        Jacobi calls follow the flow of a logit-channel Gumbel student (``gumbel_sampling.polish``).
         """
         s = self.config.sample
         steps = s.steps if steps is None else steps
@@ -138,6 +140,7 @@ class TokenFlowModel:
             raise ValueError(f"stagger must be a finite number >= 0 (0 = one time for every position), got {stagger}")
         if condition not in CONDITION_MODES:
             raise ValueError(f"condition must be one of {', '.join(CONDITION_MODES)}, got {condition!r}")
+        self.check_polish(polish_steps)
         if known_noise not in KNOWN_NOISE:
             raise ValueError(f"known_noise must be one of {', '.join(KNOWN_NOISE)}, got {known_noise!r}")
         grid = flow.time_grid(steps, schedule, schedule_param)
@@ -145,11 +148,18 @@ class TokenFlowModel:
                             known_tokens=known_tokens, known_mask=known_mask, blank_length=blank_length)
         if known is None:
             known = Known(np.zeros((n, length), np.int32), np.zeros((n, length), bool))
-        out = self._program(condition, known_noise, stagger)(
+        out = self._program(condition, known_noise, stagger, int(polish_steps))(
             self.params, jax.random.key(seed), grid, jnp.asarray(known.tokens), jnp.asarray(known.mask),
             jnp.asarray(temperature, jnp.float32),
         )
         return np.asarray(jax.device_get(out))
+
+    def check_polish(self, polish_steps: int) -> None:
+        if isinstance(polish_steps, bool) or not isinstance(polish_steps, (int, np.integer)) or polish_steps < 0:
+            raise ValueError(f"polish_steps must be an integer >= 0, got {polish_steps!r}")
+        if polish_steps and not (self.kind == "gumbel" and self._gumbel_config().logit_channel):
+            raise ValueError(f"polish_steps={polish_steps}: polishing is Jacobi iteration with the Gumbel logit "
+                             f"channel's noise; {self.source} is not a logit-channel Gumbel student")
 
     def sample(self, n: int, steps: int | None = None, seed: int = 0, **kwargs: Any) -> list[str]:
         """``n`` texts (each up to its first EOS); keyword arguments as in ``sample_tokens``."""
