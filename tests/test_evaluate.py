@@ -310,6 +310,15 @@ def test_sample_cli_errors_are_readable(tmp_path, workdirs, capsys):
     data = f"--data_dir={workdirs['data']}"
     assert "prefix" in fails(f"--workdir={workdirs['teacher']}", "--template=To be ___ be", data)
     assert "shorter than" in fails(f"--workdir={workdirs['flow']}", "--prompt=" + "word " * 40, data)
+    # Polishing needs the logit channel's noise: a plain flow model and the smoke Gumbel student (cross-attention)
+    # are told so, by the sample command and by a sweep before it samples anything.
+    for name in ("flow", "gumbel"):
+        assert "not a logit-channel Gumbel student" in fails(f"--workdir={workdirs[name]}", "--polish_steps=2", data)
+    argv = ["sweep", f"--models=flow={workdirs['flow']}", f"--scorer={workdirs['teacher']}", "--steps=1",
+            "--num_samples=2", "--polish_steps=2", data, f"--out={tmp_path / 'sweep'}"]
+    assert evaluate.run(argv) == 2
+    assert "not a logit-channel Gumbel student" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "sweep" / "cells")
 
 
 def test_sample_cli_reproduces_a_sweep_cell_given_the_same_settings(tmp_path, workdirs):
