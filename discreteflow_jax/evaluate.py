@@ -9,21 +9,33 @@ validation loss (``discreteflow_jax.evaluation``).
 writes ``sweep.md`` (tables), ``sweep.csv`` (one row per model and K), ``sweep.json``, ``sweep.png``
 (Gen-PPL and entropy against K) and every sample as text under ``samples/`` into ``--out``.
 Finished cells are cached in ``--out``/cells: adding a model or a K recomputes only what is new.
+
+    python -m discreteflow_jax.evaluate jacobi --models=teacher=runs/teacher --scorer=runs/teacher \
+        --steps=1,2,4,8,32 --num_samples=64 --seed=0 --out=runs/jacobi
+
+samples the one teacher of ``--models`` as a K-call parallel sampler (Jacobi iteration of its
+Gumbel-max decode with the noise a Gumbel student draws for the same seed,
+``discreteflow_jax.evaluation.jacobi``) and writes ``jacobi.md`` and ``jacobi.json``: the reference a
+K-step student has to beat.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 from absl import flags
 
 from discreteflow_jax import cli
+from discreteflow_jax.evaluation.genppl import Scorer
+from discreteflow_jax.evaluation.jacobi import jacobi_rows, jacobi_table
 from discreteflow_jax.evaluation.report import markdown_tables
 from discreteflow_jax.evaluation.sweep import DEFAULT_STEPS, SweepSettings, parse_models, run_sweep
 from discreteflow_jax.flow import TIME_GRIDS
+from discreteflow_jax.inference.load import load
 from discreteflow_jax.training.experiment import USER_ERRORS
 
-COMMANDS = ("sweep",)
+COMMANDS = ("sweep", "jacobi")
 
 FLAGS = cli.new_flags(__doc__)
 flags.DEFINE_string("models", None, "name=WORKDIR,... flow models and teachers (workdirs or exports)",
@@ -64,12 +76,43 @@ def _ints(name: str, values: list[str]) -> tuple[int, ...]:
         raise ValueError(f"--{name} must be comma-separated integers, got {','.join(values)!r}") from None
 
 
+def jacobi() -> int:
+    """The ``jacobi`` command: the teacher's Jacobi rows at every K."""
+    try:
+        models = parse_models(FLAGS.models)
+        if len(models) != 1:
+            raise ValueError(f"jacobi takes one teacher in --models (name=WORKDIR), got {len(models)}")
+        (name, path), = models.items()
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ValueError(f"--models: {name}={path} is not a directory (a training workdir or an export)")
+        steps = _ints("steps", FLAGS.steps)
+        teacher = load(path, FLAGS.data_dir)
+        scorer = Scorer.load(FLAGS.scorer, FLAGS.data_dir, tokenizer=FLAGS.scorer_tokenizer,
+                             batch_size=FLAGS.scorer_batch_size)
+        rows = jacobi_rows(teacher, scorer, list(steps), num_samples=FLAGS.num_samples, seed=FLAGS.seed,
+                           data_dir=FLAGS.data_dir, length=FLAGS.length)
+    except (ValueError, *USER_ERRORS) as err:
+        return cli.fail(err)
+    os.makedirs(FLAGS.out, exist_ok=True)
+    table = jacobi_table(rows)
+    with open(os.path.join(FLAGS.out, "jacobi.json"), "w") as f:
+        json.dump({"teacher": path, "scorer": scorer.name, "num_samples": FLAGS.num_samples, "seed": FLAGS.seed,
+                   "rows": rows}, f, indent=1, default=float)
+    with open(os.path.join(FLAGS.out, "jacobi.md"), "w") as f:
+        f.write(f"Teacher {path}, scorer {scorer.name}, {FLAGS.num_samples} samples, seed {FLAGS.seed}\n\n{table}\n")
+    print(table)
+    print(f"wrote {os.path.join(FLAGS.out, 'jacobi.md')} and jacobi.json")
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    """Runs the command named by the one positional argument (``sweep``)."""
-    if argv[1:] != ["sweep"]:
+    """Runs the command named by the one positional argument (``sweep`` or ``jacobi``)."""
+    if len(argv[1:]) != 1 or argv[1] not in COMMANDS:
         return cli.fail(f"expected one command, one of {', '.join(COMMANDS)} (got {argv[1:] or 'none'}): "
                         "python -m discreteflow_jax.evaluate sweep --models=... --scorer=... --out=...")
     cli.setup_logging()
+    if argv[1] == "jacobi":
+        return jacobi()
 
     try:
         settings = SweepSettings(

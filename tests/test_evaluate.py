@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import os
 
@@ -349,3 +350,19 @@ def test_gen_ppl_through_the_python_api(workdirs):
     assert out["gen_ppl"] > 1
     with pytest.raises(ValueError, match="cannot score"):
         gen_ppl(["x"], flow_model)
+
+
+def test_jacobi_command_writes_the_teachers_rows_and_rejects_a_flow_model(tmp_path, workdirs, capsys):
+    data, teacher = f"--data_dir={workdirs['data']}", workdirs["teacher"]
+    out = tmp_path / "jacobi"
+    argv = ["jacobi", f"--models=teacher={teacher}", f"--scorer={teacher}", "--steps=1,15", "--num_samples=4",
+            "--seed=0", data, f"--out={out}"]
+    assert evaluate.run(argv) == 0
+    rows = json.load(open(out / "jacobi.json"))["rows"]
+    assert [r["K"] for r in rows] == [1, 15]
+    for r in rows:
+        assert float(r["gen_ppl"]) > 1 and 0 <= float(r["entropy"]) <= math.log(15) + 1e-6
+    assert "| 15 |" in open(out / "jacobi.md").read()
+    capsys.readouterr()
+    assert evaluate.run(["jacobi", f"--models=flow={workdirs['flow']}"] + argv[2:]) == 2
+    assert "autoregressive teacher" in capsys.readouterr().err

@@ -260,7 +260,7 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
     objectives = {name: validation_objective(model) for name, model in loaded.items()}
     # Real text from a flow model's data when there is one: the listing order of teachers does not matter.
     first = next((m for m in loaded.values() if not is_autoregressive(m)), next(iter(loaded.values())))
-    dataset = _dataset_for(first, data_dir)
+    dataset = dataset_for(first, data_dir)
     ref_identity = {"settings": dataclasses.asdict(settings) | {"steps": None}, "scorer": scorer.name,
                     "length": length, "data": first.config.raw.get("data")}
     held_out = validation_windows(dataset, settings, length, held_out=True)  # MAUVE's real text
@@ -275,7 +275,7 @@ def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings,
         val_key = os.path.join(out_dir, "cells", f"{cell_key(name, None)}_val.json")
         # The validation loss depends on the checkpoint only, not on the sampling settings.
         val_losses[name] = cached(val_key, {"path": desc["path"], "step": desc["step"]},
-                                  lambda m=model: validation_loss(m, _dataset_for(m, data_dir)))
+                                  lambda m=model: validation_loss(m, dataset_for(m, data_dir)))
         ks: list[int | None] = [None] if is_autoregressive(model) else list(settings.steps)
         for k in ks:
             log.info("evaluating %s at K=%s", name, k if k is not None else "(autoregressive)")
@@ -305,6 +305,6 @@ def default_length(models: Any) -> int:
     return min(min(m.sample_length, m.seq_len - 1) for m in models)
 
 
-def _dataset_for(model: Any, data_dir: str | None) -> Any:
+def dataset_for(model: Any, data_dir: str | None) -> Any:
     """The dataset a model was trained on (its validation split is what the metrics use)."""
     return prepare(ml_collections.ConfigDict(model.config.raw), data_dir)[2]
