@@ -10,7 +10,8 @@ Variants: ``baseline`` (Gaussian TokenFlow), ``x0`` / ``cross_attention`` (Gumbe
 automatic chunking), ``NAME@C`` (Gumbel with ``gumbel.chunk_size=C``, e.g. ``@128`` = one chunk,
 i.e. the whole [B, T, V] noise at once, to see what chunking saves), ``logit_channel`` (the
 logit-channel student's distillation step), ``warm`` (the same, warm-started: the student is the
-teacher's decoder, docs/warm_start.md), ``warm_g_softmax`` / ``warm_g_linear`` (plus a G channel).
+teacher's decoder, docs/warm_start.md), ``warm_g_softmax`` / ``warm_g_linear`` (plus a G channel),
+``warm_rollout`` (half of each batch trained on the 4-step sampler's own states, ``gumbel.rollout_prob``).
 The teacher is a LLaMA with
 random weights (its values do not change the cost). Every variant runs exactly the step that
 training runs (``benchmarks/step_time.py``'s ``benchmark``, random tokens); ``--steps=0`` reads
@@ -73,7 +74,9 @@ def variant_config(variant: str):
     if warm:  # `...,logit_channel,warm[,g_softmax|g_linear]`: the student is the teacher's decoder
         set_fields(c, WARM_RECIPE)
         c.model.flow_dim = 32
-        c.gumbel.g_channel = name.removeprefix("warm").removeprefix("_g_") or "none"
+        rollout = name == "warm_rollout"
+        c.gumbel.g_channel = "none" if rollout else name.removeprefix("warm").removeprefix("_g_") or "none"
+        c.gumbel.rollout_prob = 0.5 if rollout else 0.0
     c.model.tie_embeddings = False  # as the Gumbel configs, so only the Gumbel parts differ
     c.model.vocab_size, c.model.dim, c.model.num_layers = _VOCAB.value, _DIM.value, _LAYERS.value
     c.model.num_heads, c.model.max_len, c.model.dtype = _HEADS.value, _SEQ.value, _DTYPE.value

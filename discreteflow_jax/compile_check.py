@@ -1,7 +1,8 @@
 r"""Compiles an experiment for a TPU slice without a TPU: per-device memory, FLOPs and a cost plan.
 
     python -m discreteflow_jax.compile_check --config=configs/fineweb_gumbel.py --topology=v5e:2x4 \
-        [--config.train.grad_accum=8] [--num_slices=1] [--json=PATH] [--mfu=0.4] [--skip_sampler]
+        [--config.train.grad_accum=8] [--num_slices=1] [--json=PATH] [--mfu=0.4] [--skip_sampler] [--skip_eval]
+        [--skip_train]
 
 Builds the mesh from the devices of a TPU topology (``--topology=v5e:2x4`` or an accelerator type
 such as ``v5litepod-8``; needs libtpu: ``pip install -e .[tpu-compile]``, no TPU), lowers the
@@ -41,6 +42,8 @@ flags.DEFINE_float("mfu", 0.4, "Assumed model FLOPs utilization for the step-tim
                    "assumption, not a measurement).", flag_values=FLAGS)
 flags.DEFINE_bool("skip_sampler", False, "Do not compile the sampler.", flag_values=FLAGS)
 flags.DEFINE_bool("skip_eval", False, "Do not compile the eval step.", flag_values=FLAGS)
+flags.DEFINE_bool("skip_train", False, "Do not compile the train step (no step-time estimate then).",
+                  flag_values=FLAGS)
 flags.DEFINE_string("teacher_config", None, "Gumbel configs with a LLaMA teacher: that teacher's experiment "
                     "config (default configs/shakespeare_teacher.py when present).", flag_values=FLAGS)
 flags.mark_flags_as_required(["config", "topology"], flag_values=FLAGS)
@@ -104,6 +107,8 @@ def main(argv: list[str]) -> int:
 
     if not 0 < FLAGS.mfu <= 1:
         return cli.fail(f"--mfu={FLAGS.mfu} must be in (0, 1]")
+    if FLAGS.skip_train and FLAGS.skip_eval and FLAGS.skip_sampler:
+        return cli.fail("--skip_train, --skip_eval and --skip_sampler leave nothing to compile; drop one of them")
     try:
         slice_ = chips.parse_slice(FLAGS.topology)
         cfg = parse_config(FLAGS.config)
@@ -120,7 +125,7 @@ def main(argv: list[str]) -> int:
     try:
         report = aot.check(
             cfg, name, slice_, devices, num_slices=FLAGS.num_slices, teacher_config=teacher, mfu=FLAGS.mfu,
-            eval_step=not FLAGS.skip_eval, sampler=not FLAGS.skip_sampler,
+            eval_step=not FLAGS.skip_eval, sampler=not FLAGS.skip_sampler, train_step=not FLAGS.skip_train,
             on_program=lambda p: print(f"compiled {p.name}: " + ("fits" if p.fits else "DOES NOT FIT")
                                        + (f" ({p.seconds['trace_and_lower']:.0f} s tracing, "
                                           f"{p.seconds['compile']:.0f} s compiling)" if p.seconds else ""),

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO, load_config, record_network_inputs
+from flax import nnx
 
 from discreteflow_jax.config.presets import set_fields
 from discreteflow_jax.io import checkpoint as ckpt
@@ -336,3 +337,31 @@ def test_prng_streams_do_not_collide(tmp_path, data_dir, monkeypatch):
     for purpose, keys in used.items():
         assert not step_set & keys, f"{purpose} keys are training step keys"
     assert not used["eval"] & used["samples"] and not (used["eval"] | used["samples"]) & used["init"]
+
+
+def test_an_accumulated_eval_step_adds_its_micro_batches_sums() -> None:
+    # The eval step runs a batch as grad_accum micro-batches (the memory of a training micro-batch);
+    # its sums are those of the micro-batches evaluated one by one with keys fold_in(key, i).
+    import types
+
+    from discreteflow_jax.training.steps import _split_micro, build_eval_step
+
+    layer = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer)
+
+    def eval_fn(model, aux, tokens, key):
+        noise = jax.random.uniform(key, tokens.shape)
+        feats = jnp.stack([tokens, tokens * 2, tokens + 1], -1).astype(jnp.float32)
+        return {"loss_sum": jnp.sum(model(feats)[..., 0] * noise), "tokens": jnp.asarray(tokens.size, jnp.float32)}
+
+    task = types.SimpleNamespace(eval_fn=eval_fn)
+    tokens = jax.random.randint(jax.random.key(1), (8, 5), 0, 9)
+    key = jax.random.key(2)
+    got = build_eval_step(task, graphdef, accum=4)(params, None, tokens, key)
+    micro = _split_micro(tokens, 4)
+    want = [eval_fn(layer, None, micro[i], jax.random.fold_in(key, i)) for i in range(4)]
+    np.testing.assert_allclose(got["loss_sum"], sum(w["loss_sum"] for w in want), rtol=1e-6)
+    assert float(got["tokens"]) == 40.0
+    # One micro-batch: the task's eval of the whole batch with the key itself.
+    one = build_eval_step(task, graphdef)(params, None, tokens, key)
+    np.testing.assert_allclose(one["loss_sum"], eval_fn(layer, None, tokens, key)["loss_sum"], rtol=1e-6)

@@ -42,6 +42,10 @@ from discreteflow_jax.models.llama import Llama, LlamaConfig
 from discreteflow_jax.models.tokenflow import FlowSpace, per_position, singular_coefficient, timestep_features
 
 WARM_ATTENTIONS = ("causal", "gated")
+# The future gate is stored divided by this. Adam moves a parameter by about the learning rate per
+# step whatever its gradient, so an unscaled gate starting at 0 stayed below 0.03 after 250 steps at
+# 3e-4 (docs/distill_cpu.md): too slow to ever open. Scaled, it can reach O(1) in a few hundred steps.
+FUTURE_GATE_GAIN = 20.0
 G_CHANNELS = ("none", "softmax", "linear")
 EULER_GAMMA = 0.5772156649015329  # mean of a standard Gumbel variable
 GUMBEL_STD = math.pi / math.sqrt(6.0)  # its standard deviation
@@ -165,7 +169,7 @@ class WarmFlow(FlowSpace, nnx.Module):
         x = self.backbone_input(x_t, t_B, context)
         for layer, block in enumerate(self.backbone.layers):
             attn_norm, mlp_norm = block._norms()
-            gate = None if self.future_gate is None else self.future_gate[...][layer]
+            gate = None if self.future_gate is None else FUTURE_GATE_GAIN * self.future_gate[...][layer]
             x = x + self._attention(block.attn, attn_norm(x), gate)
             x = x + block.mlp(mlp_norm(x))
         return x

@@ -182,9 +182,10 @@ def build_for_devices(cfg: ExperimentConfig, devices: Sequence[Any], teacher_con
 
 def check(cfg: ExperimentConfig, name: str, slice_: Slice, devices: Sequence[Any], *, num_slices: int = 1,
           teacher_config: Any | None = None, mfu: float = 0.4, eval_step: bool = True, sampler: bool = True,
-          on_program: Any = None) -> Report:
+          on_program: Any = None, train_step: bool = True) -> Report:
     """Compiles the experiment's programs for the devices; one ``ProgramReport`` each.
-    ``on_program(report)`` is called after each (progress output)."""
+    ``on_program(report)`` is called after each (progress output). Without the train step there is
+    no step-time or chip-hour estimate."""
     task, programs = build_for_devices(cfg, devices, teacher_config)
     mesh = programs.mesh
     rep = shd.replicated(mesh)
@@ -192,8 +193,9 @@ def check(cfg: ExperimentConfig, name: str, slice_: Slice, devices: Sequence[Any
     batch = shd.batch_sharding(mesh)
     tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), jnp.int32, sharding=batch)
     key = _key_struct(rep)
-    jobs: list[tuple[str, Any, tuple]] = [
-        ("train_step", programs.train_step, (programs.abstract_state, task.aux, tokens, key))]
+    jobs: list[tuple[str, Any, tuple]] = []
+    if train_step:
+        jobs.append(("train_step", programs.train_step, (programs.abstract_state, task.aux, tokens, key)))
     if eval_step:
         jobs.append(("eval_step", programs.eval_step, (programs.abstract_state.params, task.aux, tokens, key)))
     if sampler and task.sample_fn is not None and cfg.sample.eval_steps:
@@ -218,8 +220,8 @@ def check(cfg: ExperimentConfig, name: str, slice_: Slice, devices: Sequence[Any
         report.programs.append(result)
         if on_program is not None:
             on_program(result)
-    train = report.programs[0]
-    if train.flops:
+    train = next((p for p in report.programs if p.name == "train_step"), None)
+    if train is not None and train.flops:
         report.step_seconds = step_seconds(train.flops / len(devices), slice_.chip, mfu)
         report.chip_hours = chip_hours(report.step_seconds, cfg.train.num_steps, len(devices))
     if not report.fits:
@@ -244,7 +246,7 @@ def hints(cfg: ExperimentConfig, report: Report) -> list[str]:
         chunk = parse_gumbel_config(cfg.extra.get("gumbel")).chunk_size
         out.append(f"--config.gumbel.chunk_size={max(32, (chunk or 256) // 2)} (now {chunk or 'automatic'}) "
                    "shrinks the teacher-posterior buffers")
-    train = report.programs[0]
+    train = report.programs[0]  # every program takes the parameters: their bytes are in each one's arguments
     if train.argument_bytes > 0.25 * report.hbm_gib * GIB and mesh.get("fsdp", 1) == 1:
         out.append(f"--config.mesh.fsdp={report.devices} shards parameters and optimizer state "
                    f"({train.argument_bytes / GIB:.2f} GiB per device now)")

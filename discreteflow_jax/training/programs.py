@@ -65,7 +65,7 @@ def build_programs(cfg: ExperimentConfig, task: Task, mesh: Mesh | None = None) 
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        shd.with_activation_mesh(build_eval_step(task, graphdef), mesh),
+        shd.with_activation_mesh(build_eval_step(task, graphdef, cfg.train.grad_accum), mesh),
         in_shardings=(state_shardings.params, aux_sh, batch_sh, rep), out_shardings=rep,
     )
     return Programs(

@@ -87,9 +87,26 @@ def build_train_step(task: Task, graphdef: Any, tx: optax.GradientTransformation
     return step_fn
 
 
-def build_eval_step(task: Task, graphdef: Any) -> Callable:
+def build_eval_step(task: Task, graphdef: Any, accum: int = 1) -> Callable:
+    """The eval step: the task's metric sums of one validation batch. With ``accum`` > 1 the batch
+    runs as ``accum`` micro-batches (as the train step does; micro-batch i with fold_in(key, i)) and
+    their sums are added, so evaluation needs no more memory than a training micro-batch: a whole
+    training batch at once does not fit where the train step only fits accumulated."""
+
     def eval_fn(params, aux, tokens_BT, key):
-        return task.eval_fn(nnx.merge(graphdef, params), aux, tokens_BT, key)
+        model = nnx.merge(graphdef, params)
+        if accum == 1:
+            return task.eval_fn(model, aux, tokens_BT, key)
+
+        def one(sums, xs):
+            tokens, i = xs
+            out = task.eval_fn(model, aux, tokens, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, sums, out), None
+
+        micro = _split_micro(tokens_BT, accum)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             jax.eval_shape(lambda: task.eval_fn(model, aux, micro[0], key)))
+        return jax.lax.scan(one, zeros, (micro, jnp.arange(accum)))[0]
 
     return eval_fn
 
