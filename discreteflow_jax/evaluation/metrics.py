@@ -22,6 +22,7 @@ from flax import nnx
 
 from discreteflow_jax.inference.teacher_model import is_autoregressive
 from discreteflow_jax.tasks import build_task
+from discreteflow_jax.training.steps import build_eval_step
 from discreteflow_jax.training.trainer import stream_key, validation_batches
 
 
@@ -97,9 +98,8 @@ def validation_loss(model: Any, dataset: Any) -> dict[str, float]:
     else:
         graphdef, params = model.graphdef, model.params
 
-    @jax.jit
-    def eval_step(params, aux, tokens, key):
-        return task.eval_fn(nnx.merge(graphdef, params), aux, tokens, key)
+    # The trainer's eval step: with grad_accum > 1 it runs micro-batches, each with its own key.
+    eval_step = jax.jit(build_eval_step(task, graphdef, cfg.train.grad_accum))
 
     eval_key = stream_key(cfg.seed, "eval")  # the key Trainer.evaluate uses
     sums = None
