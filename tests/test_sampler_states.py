@@ -47,22 +47,13 @@ def test_the_trained_states_are_the_samplers_own() -> None:
 
 
 def _task(rollout_prob: float):
-    from discreteflow_jax.config.presets import tokenflow_defaults
-    from discreteflow_jax.io.teacher import TeacherBundle
-    from discreteflow_jax.models.llama import Llama, LlamaConfig
-    from discreteflow_jax.tasks.gumbel import add_gumbel_sections, gumbel_task
+    # test_gumbel_logit's logit-channel student of a tiny random LLaMA (V 32, T 8), 8 sequences a batch.
+    from test_gumbel_logit import _llama_task
 
-    vocab, t = 32, 8
-    llama = Llama(LlamaConfig(vocab_size=vocab, dim=32, num_layers=1, num_heads=2, ffn_hidden=64, max_len=t,
-                              bos_id=1, init_std=0.2), rngs=nnx.Rngs(0))
-    t_graphdef, t_state = nnx.split(llama)
-    bundle = TeacherBundle(graphdef=t_graphdef, params=nnx.to_pure_dict(t_state), config=llama.config, kind="llama",
-                           bos_id=1, vocab_size=vocab, max_len=t, source="test teacher")
-    c = add_gumbel_sections(tokenflow_defaults())
-    c.model.vocab_size, c.model.dim, c.model.num_layers, c.model.num_heads, c.model.max_len = vocab, 32, 1, 2, t
-    c.model.singular_logits, c.model.loss_chunk = False, 0
-    c.data.seq_len, c.train.batch_size, c.train.grad_accum, c.sample.num_samples = t, 8, 1, 3
-    c.gumbel.logit_channel, c.gumbel.conditioning = True, "none"
+    from discreteflow_jax.tasks.gumbel import gumbel_task
+
+    c, bundle, _ = _llama_task("none", "data_posterior")
+    c.train.batch_size = 8
     c.gumbel.rollout_prob, c.gumbel.rollout_steps = rollout_prob, 4
     c.flow.num_buckets = 10
     return gumbel_task(parse_config(c), teacher=bundle)
