@@ -30,7 +30,7 @@ from discreteflow_jax import cli
 from discreteflow_jax.evaluation.genppl import Scorer
 from discreteflow_jax.evaluation.jacobi import jacobi_rows, jacobi_table
 from discreteflow_jax.evaluation.report import markdown_tables
-from discreteflow_jax.evaluation.sweep import DEFAULT_STEPS, SweepSettings, parse_models, run_sweep
+from discreteflow_jax.evaluation.sweep import DEFAULT_STEPS, SweepSettings, check_model_dirs, parse_models, run_sweep
 from discreteflow_jax.flow import TIME_GRIDS
 from discreteflow_jax.inference.load import load
 from discreteflow_jax.training.experiment import USER_ERRORS
@@ -82,9 +82,8 @@ def jacobi() -> int:
         models = parse_models(FLAGS.models)
         if len(models) != 1:
             raise ValueError(f"jacobi takes one teacher in --models (name=WORKDIR), got {len(models)}")
-        (name, path), = models.items()
-        if not os.path.isdir(os.path.expanduser(path)):
-            raise ValueError(f"--models: {name}={path} is not a directory (a training workdir or an export)")
+        check_model_dirs(models)
+        (path,) = models.values()
         steps = _ints("steps", FLAGS.steps)
         teacher = load(path, FLAGS.data_dir)
         scorer = Scorer.load(FLAGS.scorer, FLAGS.data_dir, tokenizer=FLAGS.scorer_tokenizer,

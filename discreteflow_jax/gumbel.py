@@ -322,11 +322,19 @@ def gumbel_flow_loss(
     return loss, metrics
 
 
+def sampling_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(the key of the sampling G, the key of the Gaussian x0) of one sampler key. Every part of a
+    sampler that reads G (the context, the logit channel's noise, the G-channel features, the
+    teacher's Jacobi reference) draws it from the first, so all of them see one G."""
+    g_key, x0_key = jax.random.split(key)
+    return g_key, x0_key
+
+
 def gumbel_source(
     model: TokenFlow, key: jax.Array, batch: int, seq_len: int, gumbel: GumbelConfig
 ) -> tuple[jax.Array, jax.Array | None]:
     """(x0, context) for sampling: G from the prior (scaled by ``sample_temperature``); no teacher."""
-    g_key, x0_key = jax.random.split(key)
+    g_key, x0_key = sampling_keys(key)
     if gumbel.conditioning == "none":
         return flow.gaussian_source(x0_key, batch, seq_len, model), None
     emb = model.embeddings()

@@ -13,7 +13,14 @@ from flax import nnx
 
 from discreteflow_jax import flow
 from discreteflow_jax.config.gumbel import GumbelConfig
-from discreteflow_jax.gumbel import chunked_context, gumbel_source, prior_draws, resolve_chunk, sample_prior
+from discreteflow_jax.gumbel import (
+    chunked_context,
+    gumbel_source,
+    prior_draws,
+    resolve_chunk,
+    sample_prior,
+    sampling_keys,
+)
 from discreteflow_jax.models.noisy_argmax import noisy_readout
 from discreteflow_jax.models.tokenflow import TokenFlow
 
@@ -54,8 +61,7 @@ def polish(model: Any, tokens: jax.Array, context: jax.Array | None, noise_args:
         raise ValueError("polishing needs the Gumbel logit channel (gumbel.logit_channel=True): its G fixes the "
                          "Jacobi iteration's target")
     emb = model.embeddings()
-    b, seq_len = tokens.shape
-    t_B = jnp.full((b,), flow.MAX_MODEL_TIME)
+    t_B = jnp.full((tokens.shape[0],), flow.MAX_MODEL_TIME)
 
     def call(_, tok: jax.Array) -> jax.Array:
         new = noisy_readout(model, jnp.take(emb, tok, axis=0), t_B, context, noise_args["logit_noise"],
@@ -72,7 +78,7 @@ def logit_noise(model: TokenFlow, key: jax.Array, batch: int, seq_len: int, gumb
     the reference."""
     if not gumbel.logit_channel:
         return None
-    g_key = jax.random.split(key)[0]  # the split gumbel_source makes
+    g_key = sampling_keys(key)[0]
     return gumbel.sample_temperature * sample_prior(g_key, batch, seq_len, model.cfg.vocab_size)
 
 
@@ -81,7 +87,7 @@ def logit_noise_args(model: Any, key: jax.Array, batch: int, seq_len: int, gumbe
     positions (drawn a chunk at a time, the same numbers), its τ and chunk; {} without the channel."""
     if not gumbel.logit_channel:
         return {}
-    g_key, vocab = jax.random.split(key)[0], model.cfg.vocab_size  # the split gumbel_source makes
+    g_key, vocab = sampling_keys(key)[0], model.cfg.vocab_size
 
     def noise_fn(positions: jax.Array) -> jax.Array:
         return gumbel.sample_temperature * prior_draws(g_key, positions, batch, vocab)
@@ -96,7 +102,7 @@ def g_channel_context(model: Any, key: jax.Array, batch: int, seq_len: int, gumb
     adds (same draws, unscaled), a chunk of positions at a time. Otherwise ``context``."""
     if not gumbel.logit_channel or getattr(model.cfg, "g_channel", "none") == "none":
         return context
-    g_key, vocab = jax.random.split(key)[0], model.cfg.vocab_size  # the key logit_noise draws from
+    g_key, vocab = sampling_keys(key)[0], model.cfg.vocab_size
     chunk = resolve_chunk(seq_len, batch, vocab, gumbel.chunk_size)
 
     def noise_fn(start: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:

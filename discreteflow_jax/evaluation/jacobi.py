@@ -27,21 +27,19 @@ from discreteflow_jax.evaluation.genppl import Scorer
 from discreteflow_jax.evaluation.metrics import sample_statistics, truncate_at_eos
 from discreteflow_jax.evaluation.quality import mauve_score, shuffle_positions
 from discreteflow_jax.evaluation.sweep import SweepSettings, dataset_for, validation_windows
+from discreteflow_jax.gumbel_distill import teacher_log_probs
 from discreteflow_jax.inference.batches import batch_seed
 from discreteflow_jax.inference.teacher_model import is_autoregressive
-from discreteflow_jax.models.generate import teacher_fns, teacher_inputs
 
 log = logging.getLogger("discreteflow_jax")
 
 
 def jacobi_decode(teacher: Any, g_BTV: jax.Array, bos_id: int, iterations: int) -> jax.Array:
     """x⁽ᴷ⁾ [B, T] after K = ``iterations`` parallel teacher calls from x⁽⁰⁾ = argmax(G)."""
-    fns = teacher_fns(teacher)
     x = jnp.argmax(g_BTV, axis=-1).astype(jnp.int32)
 
     def call(_, x):
-        logp = gmb.log_probs(fns.head(fns.hidden(teacher_inputs(x, bos_id))))
-        return jnp.argmax(logp + g_BTV, axis=-1).astype(jnp.int32)
+        return jnp.argmax(teacher_log_probs(teacher, x, bos_id) + g_BTV, axis=-1).astype(jnp.int32)
 
     return jax.lax.fori_loop(0, iterations, call, x)
 
@@ -55,7 +53,7 @@ def jacobi_samples(teacher: Any, num_samples: int, iterations: int, seed: int, *
     out = []
     for i, start in enumerate(range(0, num_samples, batch_size)):
         count = min(batch_size, num_samples - start)
-        g_key = jax.random.split(jax.random.key(batch_seed(seed, i)))[0]  # the split gumbel_source makes
+        g_key = gmb.sampling_keys(jax.random.key(batch_seed(seed, i)))[0]
         out.append(np.asarray(run(gmb.sample_prior(g_key, count, seq_len, vocab))))
     return np.concatenate(out, axis=0)
 

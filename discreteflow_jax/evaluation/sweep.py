@@ -230,14 +230,19 @@ def parse_models(spec: str) -> dict[str, str]:
     return models
 
 
+def check_model_dirs(models: dict[str, str]) -> None:
+    """Raises ValueError for a ``--models`` path that is not a directory, before anything is loaded."""
+    for name, path in models.items():
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ValueError(f"--models: {name}={path} is not a directory (a training workdir or an export)")
+
+
 def run_sweep(models: dict[str, str], scorer_spec: str, settings: SweepSettings, out_dir: str,
               data_dir: str | None = None, scorer_tokenizer: str | None = None,
               scorer_batch_size: int = 32) -> dict[str, Any]:
     """Evaluates every flow model at every K (and every teacher once), writes the report files."""
     settings.validate()
-    for name, path in models.items():  # every path is checked before anything is loaded or compiled
-        if not os.path.isdir(os.path.expanduser(path)):
-            raise ValueError(f"--models: {name}={path} is not a directory (a training workdir or an export)")
+    check_model_dirs(models)
     if settings.num_samples < MIN_STUDY_SAMPLES:
         log.warning("num_samples=%d < %d: fine for a smoke test, too few for reported numbers",
                     settings.num_samples, MIN_STUDY_SAMPLES)

@@ -246,10 +246,10 @@ def hints(cfg: ExperimentConfig, report: Report) -> list[str]:
         chunk = parse_gumbel_config(cfg.extra.get("gumbel")).chunk_size
         out.append(f"--config.gumbel.chunk_size={max(32, (chunk or 256) // 2)} (now {chunk or 'automatic'}) "
                    "shrinks the teacher-posterior buffers")
-    train = report.programs[0]  # every program takes the parameters: their bytes are in each one's arguments
-    if train.argument_bytes > 0.25 * report.hbm_gib * GIB and mesh.get("fsdp", 1) == 1:
+    first = report.programs[0]  # every program takes the parameters: their bytes are in each one's arguments
+    if first.argument_bytes > 0.25 * report.hbm_gib * GIB and mesh.get("fsdp", 1) == 1:
         out.append(f"--config.mesh.fsdp={report.devices} shards parameters and optimizer state "
-                   f"({train.argument_bytes / GIB:.2f} GiB per device now)")
+                   f"({first.argument_bytes / GIB:.2f} GiB per device now)")
     if mesh.get("tensor", 1) == 1:
         out.append("--config.mesh.tensor=2 splits heads and FFN (a head count it divides)")
     out.append("or a slice with more HBM per chip")
