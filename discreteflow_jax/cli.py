@@ -123,8 +123,18 @@ def _missing_field(config: Any, name: str, path: str) -> str | None:
 def call(main: Callable[[list[str]], int | None], fv: flags.FlagValues, args: Sequence[str],
          prog: str = "discreteflow_jax") -> int:
     """What the command line ``prog ARGS...`` does, in this process: parse ``args`` (flags and
-    positional arguments, no program name) into ``fv`` and return ``main``'s exit code."""
-    return main(parse(fv, [prog, *args])) or 0
+    positional arguments, no program name) into ``fv`` and return ``main``'s exit code.
+
+    The caller's logging configuration is restored afterwards: ``setup_logging`` binds a handler to
+    the ``sys.stderr`` of the moment, which an in-process caller (a test, a notebook) may replace
+    and close, and its INFO level would otherwise stay on for everything the caller runs next."""
+    root, absl_logger = logging.getLogger(), logging.getLogger("absl")
+    saved = root.handlers[:], root.level, absl_logger.level
+    try:
+        return main(parse(fv, [prog, *args])) or 0
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        absl_logger.setLevel(saved[2])
 
 
 def in_process(main: Callable[[list[str]], int | None], fv: flags.FlagValues, module: str
