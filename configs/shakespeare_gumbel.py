@@ -42,6 +42,8 @@ VARIANTS = {
     "warm": {**LOGIT_CHANNEL, **WARM_GUMBEL_RECIPE},
     "g_softmax": {**LOGIT_CHANNEL, **WARM_GUMBEL_RECIPE, "gumbel.g_channel": "softmax"},
     "g_linear": {**LOGIT_CHANNEL, **WARM_GUMBEL_RECIPE, "gumbel.g_channel": "linear"},
+    # `drafts`: the recipe plus one in-network draft argmax(head + G) after block 2 of 4 (`:cpu,drafts`).
+    "drafts": {**LOGIT_CHANNEL, **WARM_GUMBEL_RECIPE, "gumbel.drafts": 1},
     "cold": {},  # `:cpu,cold`: no warm start (see variant_names)
     "smoke": {
         "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_len": 16,

@@ -108,6 +108,7 @@ def conditional_sample(
     if gumbel is not None and gumbel.logit_channel:
         noise_args = gumbel_sampling.logit_noise_args(model, key, *known_tokens_BT.shape, gumbel)
         context = gumbel_sampling.g_channel_context(model, key, *known_tokens_BT.shape, gumbel, context)
+        context = gumbel_sampling.with_drafts(model, context, noise_args, known_tokens_BT, known_mask_BT)
     e_known = model.embed(known_tokens_BT)
     mask = known_mask_BT[..., None]
 

@@ -19,6 +19,7 @@ from discreteflow_jax import gumbel as gmb
 from discreteflow_jax.models.generate import teacher_fns, teacher_inputs
 from discreteflow_jax.models.noisy_argmax import noisy_readout
 from discreteflow_jax.models.tokenflow import TokenFlow, per_position
+from discreteflow_jax.models.warmflow import GumbelInput, whole_noise
 
 
 def teacher_log_probs(teacher: Any, tokens_BT: jax.Array, bos_id: int) -> jax.Array:
@@ -40,6 +41,11 @@ def alignment_loss(student_hidden: jax.Array, teacher_hidden: jax.Array, mask_BT
     t = teacher_hidden.astype(jnp.float32)
     cos = jnp.sum(s * t, -1) * jax.lax.rsqrt(jnp.sum(s * s, -1) * jnp.sum(t * t, -1) + 1e-12)
     return jnp.sum((1.0 - cos) * mask_BT) / jnp.maximum(mask_BT.sum(), 1.0)
+
+
+def kl_per_token(logp: jax.Array, logits: jax.Array) -> jax.Array:
+    """KL(teacher ‖ softmax(logits)) per token [B, T] of the teacher's log-probs ``logp``."""
+    return jnp.sum(jnp.exp(logp) * (logp - jax.nn.log_softmax(logits, axis=-1)), axis=-1)
 
 
 def sampler_states(
@@ -175,6 +181,10 @@ def gumbel_distill_loss(
     x_t = flow.noisy_path(x1, x0, t_B)
     if getattr(model.cfg, "g_channel", "none") != "none":
         context = model.g_features(g)  # the G channel: the network reads the noise of the pair
+    drafting = getattr(model.cfg, "g_drafts", 0) > 0
+    if drafting:  # the drafts read the pair's G as the sampler's do (models/warmflow.py)
+        chunk = gmb.resolve_chunk(tokens.shape[1], tokens.shape[0], g.shape[-1], gumbel.chunk_size)
+        context = GumbelInput(context, whole_noise(g), chunk)
     if rollout_prob > 0:
         x_t, t_B = with_sampler_states(model, x_t, t_B, x0, g, context, jax.random.fold_in(key, 0x2011),
                                        gumbel, rollout_prob)
@@ -183,21 +193,30 @@ def gumbel_distill_loss(
         x_t = jnp.where(known_BT[..., None], x1, x_t)
         mask = mask * (1.0 - known_BT.astype(jnp.float32))
     align = getattr(model.cfg, "warm_align", 0.0)
-    if align > 0:  # a warm student: its last residual stream is aligned with the teacher's
-        student_hidden = model.hidden(x_t, t_B, context)
+    at_drafts: list[jax.Array] = []
+    if align > 0 or drafting:  # a warm student: its residual streams are read
+        student_hidden, at_drafts = model.hidden_and_drafts(x_t, t_B, context)
         h = model.backbone._logits(student_hidden)
     else:
         h = model(x_t, t_B, context)  # network logits only: the config rejects singular_logits
-    kl = jnp.sum(jnp.exp(logp) * (logp - jax.nn.log_softmax(h, axis=-1)), axis=-1)  # [B, T]
-    loss = jnp.sum(kl * mask) / jnp.maximum(mask.sum(), 1.0)
+    kl = kl_per_token(logp, h)  # [B, T]
+    count = jnp.maximum(mask.sum(), 1.0)
+    loss = jnp.sum(kl * mask) / count
     if align > 0:
         loss = loss + align * alignment_loss(student_hidden, teacher_hidden, mask)
+    draft_kl = None
+    if at_drafts:  # each draft is a readout of the teacher's conditional too: the same KL, averaged
+        draft_kl = sum(kl_per_token(logp, model.backbone._logits(hd)) for hd in at_drafts) / len(at_drafts)
+        if gumbel.draft_loss > 0:
+            loss = loss + gumbel.draft_loss * jnp.sum(draft_kl * mask) / count
     if warp is not None:
         loss = loss + flow.warp_fit_loss(model.time_warp[...], per_position(t_B)[..., 0], kl, mask)
     metrics = flow.flow_metrics(jax.lax.stop_gradient(kl), mask, t_B, num_buckets)
     agree = (jnp.argmax(jax.lax.stop_gradient(h) + g, axis=-1) == tokens).astype(jnp.float32)
     t_BT = jnp.broadcast_to(per_position(t_B)[..., 0], agree.shape)
     metrics["gumbel_agree_sum"] = jnp.sum(agree * mask)
+    if draft_kl is not None:
+        metrics["draft_kl_sum"] = jnp.sum(jax.lax.stop_gradient(draft_kl) * mask)
     metrics["bucket_agree_sum"] = flow.bucket_sums(agree, t_BT, mask, num_buckets)[0]
     nll = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
     # Over every target, known ones included: its own count (``tokens`` counts the scored ones).

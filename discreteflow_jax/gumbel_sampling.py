@@ -23,6 +23,7 @@ from discreteflow_jax.gumbel import (
 )
 from discreteflow_jax.models.noisy_argmax import noisy_readout
 from discreteflow_jax.models.tokenflow import TokenFlow
+from discreteflow_jax.models.warmflow import GumbelInput
 
 
 def sample_gumbel_flow(
@@ -42,6 +43,7 @@ def sample_gumbel_flow(
     x0, context = gumbel_source(model, key, batch, seq_len, gumbel)
     context = g_channel_context(model, key, batch, seq_len, gumbel, context)
     noise_args = logit_noise_args(model, key, batch, seq_len, gumbel)
+    context = with_drafts(model, context, noise_args)
     tokens = flow.sample_flow(model, x0, grid, context=context, temperature=temperature, stagger=stagger,
                               **noise_args)[0]
     return polish(model, tokens, context, noise_args, polish_steps, temperature=temperature)
@@ -111,6 +113,18 @@ def g_channel_context(model: Any, key: jax.Array, batch: int, seq_len: int, gumb
 
     return chunked_context(noise_fn, None, seq_len=seq_len, chunk=chunk, tau=1.0, remat=False,
                            reduce=model.g_features)[0]
+
+
+def with_drafts(model: Any, context: Any, noise_args: dict, known_tokens: jax.Array | None = None,
+                known_mask: jax.Array | None = None) -> Any:
+    """A drafting student's network input (``GumbelInput``): ``context`` (its G-channel features or
+    None) and the logit channel's noise, which its drafts add to the head as the readout does.
+    Other models: ``context`` unchanged."""
+    if getattr(getattr(model, "cfg", None), "g_drafts", 0) <= 0:
+        return context
+    if not noise_args:
+        raise ValueError("a drafting student (gumbel.drafts > 0) needs the Gumbel logit channel's noise")
+    return GumbelInput(context, noise_args["logit_noise"], noise_args["noise_chunk"], known_tokens, known_mask)
 
 
 def make_sampler(

@@ -33,6 +33,11 @@ class GumbelConfig:
     g_channel: str = "none"  # "none" | "softmax" | "linear"
     g_channel_rank: int = 64
     g_channel_tau: float = 1.0
+    # Drafts (warm logit-channel students): after this many evenly spaced blocks the network emits
+    # argmax(head + G) and reads it back at the next position; their KL to the teacher, times
+    # draft_loss, joins the loss (docs/distill_cpu.md).
+    drafts: int = 0
+    draft_loss: float = 1.0
     # Sampler-state training of a logit-channel student (``gumbel_distill.sampler_states``): the
     # share of each batch's sequences that enter as the K-step sampler's own state, K = rollout_steps.
     rollout_prob: float = 0.0
@@ -74,6 +79,15 @@ def parse_gumbel_config(section: Mapping[str, Any] | None) -> GumbelConfig:
         raise ConfigError(f"config.gumbel.g_channel_rank must be a positive integer, got {g.g_channel_rank!r}")
     if not g.g_channel_tau > 0:
         raise ConfigError(f"config.gumbel.g_channel_tau must be > 0, got {g.g_channel_tau}")
+    if not isinstance(g.drafts, int) or isinstance(g.drafts, bool) or g.drafts < 0:
+        raise ConfigError(f"config.gumbel.drafts must be an integer >= 0 (0 = off), got {g.drafts!r}")
+    if g.drafts and not g.logit_channel:
+        raise ConfigError("config.gumbel.drafts > 0 drafts argmax(head + G) inside a logit-channel student; set "
+                          "config.gumbel.logit_channel=True or drafts=0")
+    if g.drafts and g.rollout_prob > 0:
+        raise ConfigError("config.gumbel.drafts > 0 and rollout_prob > 0 are not combined; set one of them to 0")
+    if not (isinstance(g.draft_loss, (int, float)) and g.draft_loss >= 0):
+        raise ConfigError(f"config.gumbel.draft_loss must be >= 0 (the weight of the drafts' KL), got {g.draft_loss!r}")
     if not 0.0 <= g.rollout_prob <= 1.0:
         raise ConfigError(f"config.gumbel.rollout_prob is a share of the batch's sequences, in [0, 1]; "
                           f"got {g.rollout_prob}")
@@ -109,6 +123,9 @@ def student_config(model: TokenFlowConfig, gumbel: GumbelConfig) -> TokenFlowCon
     if gumbel.g_channel != "none" and not model.warm_start:
         raise ConfigError(f"config.gumbel.g_channel={gumbel.g_channel!r} is read by warm-started students only; "
                           "set config.model.warm_start=True (with config.teacher) or g_channel='none'")
+    if gumbel.drafts and not model.warm_start:
+        raise ConfigError(f"config.gumbel.drafts={gumbel.drafts} drafts through the teacher's head: warm-started "
+                          "students only; set config.model.warm_start=True (with config.teacher) or drafts=0")
     if model.warm_align > 0 and not gumbel.logit_channel:
         raise ConfigError("config.model.warm_align > 0 is a term of the logit-channel distillation loss; set "
                           "config.gumbel.logit_channel=True or warm_align=0")
@@ -116,7 +133,8 @@ def student_config(model: TokenFlowConfig, gumbel: GumbelConfig) -> TokenFlowCon
         raise ConfigError("config.model.warm_start=True: a warm student has no cross-attention layers; use "
                           "config.gumbel.conditioning='none' (logit channel) or 'x0'")
     return dataclasses.replace(model, cross_attention=wants, context_dim=0, g_channel=gumbel.g_channel,
-                               g_channel_rank=gumbel.g_channel_rank, g_channel_tau=gumbel.g_channel_tau)
+                               g_channel_rank=gumbel.g_channel_rank, g_channel_tau=gumbel.g_channel_tau,
+                               g_drafts=gumbel.drafts)
 
 
 def check_logit_channel(model: TokenFlowConfig) -> None:

@@ -53,6 +53,7 @@ class TokenFlowConfig:
     g_channel: str = "none"  # none | softmax (softmax(G/τ)·W) | linear (standardized G through a rank-r map)
     g_channel_rank: int = 64  # r of the linear channel
     g_channel_tau: float = 1.0  # τ of the softmax channel
+    g_drafts: int = 0  # in-network drafts argmax(head + G) fed back at the next position (models/warmflow.py)
 
     @property
     def ffn_width(self) -> int:

@@ -135,6 +135,9 @@ def validate_warm_start(model: TokenFlowConfig, task: str) -> None:
     if model.g_channel != "none" and (task != "gumbel" or not model.warm_start):
         raise ConfigError("config.model.g_channel is set by config.gumbel.g_channel (warm-started Gumbel students); "
                           "leave it 'none'")
+    if model.g_drafts and (task != "gumbel" or not model.warm_start):
+        raise ConfigError("config.model.g_drafts is set by config.gumbel.drafts (warm-started Gumbel students); "
+                          "leave it 0")
     if model.warm_flow_init not in ("teacher", "random"):
         raise ConfigError(f"config.model.warm_flow_init={model.warm_flow_init!r} is not a valid choice; use one of: "
                           "teacher, random")

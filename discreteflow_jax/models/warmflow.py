@@ -17,6 +17,12 @@ How the pieces fit, and why each new part starts at zero:
   read the noisy future without being moved away from the teacher at initialization.
 * G channel (Gumbel students). A zero-initialized map of the noise G_i added at position i, the
   position whose output decides token i; under causal attention h_i then depends on G_≤i.
+* Drafts (Gumbel logit-channel students, ``g_drafts``). After evenly spaced blocks the teacher's
+  head reads the residual stream and d_j = argmax(head_j + G_j) — the token the sampler would emit
+  if the network stopped there — re-enters at position j + 1 as the teacher's embedding of d_j, times
+  a zero-initialized gate. A linear map of G cannot compute an argmax over V of the logits plus G;
+  this does, so one call can read a guess of the earlier tokens its own G implies (a Jacobi step of
+  the teacher's decode inside the network).
 
 With every new part at zero, the untrained student's network logits at t = 1 are the teacher's
 logits of [BOS] + x[:−1] (a test). The teacher's weights are copied in by ``warm_params`` after the
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -47,6 +54,8 @@ WARM_ATTENTIONS = ("causal", "gated")
 # 3e-4 (docs/distill_cpu.md): too slow to ever open. Scaled, it can reach O(1) in a few hundred steps.
 FUTURE_GATE_GAIN = 20.0
 G_CHANNELS = ("none", "softmax", "linear")
+# The draft gate is stored divided by this, for the reason the future gate is (FUTURE_GATE_GAIN).
+DRAFT_GATE_GAIN = 20.0
 EULER_GAMMA = 0.5772156649015329  # mean of a standard Gumbel variable
 GUMBEL_STD = math.pi / math.sqrt(6.0)  # its standard deviation
 
@@ -55,6 +64,33 @@ def per_position_times(t_B: jax.Array, seq_len: int) -> jax.Array:
     """A per-sequence [B] or per-position [B, T] time as [B, T] fp32."""
     t = t_B.astype(jnp.float32)
     return jnp.broadcast_to(t[:, None], (t.shape[0], seq_len)) if t.ndim == 1 else t
+
+
+@dataclasses.dataclass(frozen=True)
+class GumbelInput:
+    """What a drafting WarmFlow reads of the noise G besides x_t: its G-channel features [B, T, D]
+    (or None) and the logit channel's noise as a function of the positions, ``noise_fn(positions [C])
+    -> [B, C, V]`` (drawn ``chunk`` positions at a time, so [B, T, V] never exists whole)."""
+
+    features: jax.Array | None
+    noise_fn: Callable[[jax.Array], jax.Array]
+    chunk: int
+    known_tokens: jax.Array | None = None  # [B, T]: where known_mask is True the draft is this token
+    known_mask: jax.Array | None = None
+
+
+def whole_noise(g_BTV: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    """``noise_fn`` of a noise array that exists whole (training): its slice at the positions."""
+    return lambda positions: jnp.take(g_BTV, positions, axis=1)
+
+
+def draft_layers(num_layers: int, drafts: int) -> tuple[int, ...]:
+    """The blocks (0-based) after which a draft is taken: ``drafts`` evenly spaced, never the last."""
+    if not 0 <= drafts < num_layers:
+        raise ValueError(f"g_drafts={drafts}: a draft is taken after one of the first {num_layers - 1} of the "
+                         f"teacher's {num_layers} blocks (one at most per block, never after the last); "
+                         f"use 0..{num_layers - 1}")
+    return tuple(sorted({(num_layers * j) // (drafts + 1) - 1 for j in range(1, drafts + 1)}))
 
 
 def token_embedding_table(backbone: nnx.Module) -> jax.Array:
@@ -92,6 +128,8 @@ class WarmFlow(FlowSpace, nnx.Module):
             if lin else None
         )
         self.g_up = linear(cfg.g_channel_rank, d, rngs=rngs, zero_init=True) if lin else None
+        self.draft_after = draft_layers(backbone.config.num_layers, cfg.g_drafts)
+        self.draft_gate = nnx.Param(jnp.zeros((cfg.g_drafts, d), jnp.float32)) if cfg.g_drafts else None
         self.time_warp = None  # the learned time sampler is not offered for warm students
 
     @property
@@ -161,24 +199,68 @@ class WarmFlow(FlowSpace, nnx.Module):
         out = past + gate_H.astype(past.dtype)[None, None, :, None] * future * has_later
         return attn.o_proj(out.reshape(b, t, attn.num_heads * attn.head_dim))
 
-    def hidden(self, x_t: jax.Array, t_B: jax.Array, context: jax.Array | None = None,
+    def hidden(self, x_t: jax.Array, t_B: jax.Array, context: Any = None,
                self_cond: jax.Array | None = None) -> jax.Array:
-        """The backbone's residual stream after its last block, [B, T, D] (before the final norm)."""
+        """The backbone's residual stream after its last block, [B, T, D] (before the final norm).
+        A drafting student's ``context`` is a ``GumbelInput``; otherwise the G-channel features or None."""
+        return self.hidden_and_drafts(x_t, t_B, context, self_cond)[0]
+
+    def hidden_and_drafts(self, x_t: jax.Array, t_B: jax.Array, context: Any = None,
+                          self_cond: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
+        """(``hidden``, the residual stream [B, T, D] at each draft, before the draft enters)."""
         if self_cond is not None:
             raise ValueError("a WarmFlow does not take a self-conditioning input")
-        x = self.backbone_input(x_t, t_B, context)
+        gumbel_input = context if isinstance(context, GumbelInput) else None
+        if self.draft_gate is not None and gumbel_input is None:
+            raise ValueError("this WarmFlow drafts tokens from the Gumbel noise (g_drafts > 0): call it with a "
+                             "GumbelInput context (gumbel_sampling / gumbel_distill build one)")
+        features = gumbel_input.features if gumbel_input is not None else context
+        x = self.backbone_input(x_t, t_B, features)
+        drafts_at = []
         for layer, block in enumerate(self.backbone.layers):
             attn_norm, mlp_norm = block._norms()
             gate = None if self.future_gate is None else FUTURE_GATE_GAIN * self.future_gate[...][layer]
             x = x + self._attention(block.attn, attn_norm(x), gate)
             x = x + block.mlp(mlp_norm(x))
-        return x
+            if self.draft_gate is not None and layer in self.draft_after:
+                slot = self.draft_after.index(layer)
+                drafts_at.append(x)
+                x = x + self.draft_input(self.draft_tokens(x, gumbel_input), slot)
+        return x, drafts_at
 
-    def network_logits(self, x_t: jax.Array, t_B: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def draft_tokens(self, h_BTD: jax.Array, gumbel_input: GumbelInput) -> jax.Array:
+        """argmax(head(h) + G) [B, T] int32, ``gumbel_input.chunk`` positions at a time (no gradient);
+        known positions keep their tokens."""
+        b, seq_len, _ = h_BTD.shape
+        chunk = gumbel_input.chunk if 0 < gumbel_input.chunk <= seq_len else seq_len
+        if seq_len % chunk:
+            raise ValueError(f"the draft chunk {chunk} must divide the sequence length {seq_len}")
+        h = jax.lax.stop_gradient(h_BTD)
+
+        def one_chunk(_, index):
+            start = index * chunk
+            logits = self.backbone._logits(jax.lax.dynamic_slice_in_dim(h, start, chunk, axis=1))
+            noisy = logits + gumbel_input.noise_fn(start + jnp.arange(chunk))
+            return None, jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+
+        _, tokens = jax.lax.scan(one_chunk, None, jnp.arange(seq_len // chunk))
+        tokens = jnp.moveaxis(tokens, 0, 1).reshape(b, seq_len)
+        if gumbel_input.known_mask is not None:  # a prompt's tokens are known: no need to guess them
+            tokens = jnp.where(gumbel_input.known_mask, gumbel_input.known_tokens.astype(jnp.int32), tokens)
+        return tokens
+
+    def draft_input(self, tokens_BT: jax.Array, slot: int) -> jax.Array:
+        """The gated teacher embedding of the drafted token j at position j + 1 (where the network
+        reads token j), [B, T, D]; position 0 (BOS) gets nothing."""
+        emb = jnp.take(token_embedding_table(self.backbone), tokens_BT, axis=0).astype(jnp.float32)
+        shifted = jnp.concatenate([jnp.zeros_like(emb[:, :1]), emb[:, :-1]], axis=1)
+        return (DRAFT_GATE_GAIN * self.draft_gate[...][slot] * shifted).astype(self.dtype)
+
+    def network_logits(self, x_t: jax.Array, t_B: jax.Array, context: Any = None) -> jax.Array:
         """The backbone's logits (the teacher's head), fp32 [B, T, V]."""
         return self.backbone._logits(self.hidden(x_t, t_B, context))
 
-    def __call__(self, x_t: jax.Array, t_B: jax.Array, context: jax.Array | None = None,
+    def __call__(self, x_t: jax.Array, t_B: jax.Array, context: Any = None,
                  self_cond: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, V] fp32: network logits, plus the singular term when enabled (it equals the
         reference log-softmax form up to a per-position constant: the rows of E share one norm)."""
@@ -195,7 +277,7 @@ class WarmFlow(FlowSpace, nnx.Module):
 
     def token_losses(
         self, x_t: jax.Array, t_B: jax.Array, tokens_BT: jax.Array, weights_BT: jax.Array,
-        context: jax.Array | None = None, self_cond: jax.Array | None = None,
+        context: Any = None, self_cond: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """(Σ weights·CE, CE per token [B, T]) of the clean tokens, from the full logits."""
         token_loss = cross_entropy(self(x_t, t_B, context, self_cond), tokens_BT)

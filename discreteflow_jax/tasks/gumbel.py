@@ -73,6 +73,11 @@ def add_gumbel_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.gumbel.g_channel = "none"
     c.gumbel.g_channel_rank = 64  # r of the linear channel
     c.gumbel.g_channel_tau = 1.0  # τ of the softmax channel
+    # Drafts (warm logit-channel students): after `drafts` evenly spaced blocks the teacher's head
+    # reads the residual stream, d_j = argmax(head_j + G_j) re-enters at position j + 1 as the
+    # teacher's embedding of d_j (gated, zero at init); draft_loss weighs the drafts' KL. 0: off.
+    c.gumbel.drafts = 0
+    c.gumbel.draft_loss = 1.0
     # Sampler-state training (logit channel): this share of each batch's sequences is trained on the
     # state the K-step sampler (K = rollout_steps, uniform grid) reaches from its own x0 and G after
     # 1..K−1 of its steps, instead of on the clean path x_t (docs/distill_cpu.md). 0: off.
@@ -90,6 +95,8 @@ def summarize_gumbel(sums: dict, prefix: str, num_buckets: int) -> dict[str, flo
         # The teacher NLL covers every target; ``tokens`` excludes the known positions.
         teacher_tokens = max(float(sums.get("teacher_tokens", sums["tokens"])), 1.0)
         out[f"{prefix}/teacher_nll"] = float(sums["teacher_nll_sum"]) / teacher_tokens
+    if "draft_kl_sum" in sums:  # the drafts' mean KL to the teacher (gumbel.drafts > 0)
+        out[f"{prefix}/draft_kl"] = float(sums["draft_kl_sum"]) / tokens
     if "gumbel_agree_sum" in sums:
         out[f"{prefix}/gumbel_agree"] = float(sums["gumbel_agree_sum"]) / tokens
         per_bucket, n_bucket = np.asarray(sums["bucket_agree_sum"]), np.asarray(sums["bucket_tokens"])
