@@ -11,7 +11,8 @@ automatic chunking), ``NAME@C`` (Gumbel with ``gumbel.chunk_size=C``, e.g. ``@12
 i.e. the whole [B, T, V] noise at once, to see what chunking saves), ``logit_channel`` (the
 logit-channel student's distillation step), ``warm`` (the same, warm-started: the student is the
 teacher's decoder, docs/warm_start.md), ``warm_g_softmax`` / ``warm_g_linear`` (plus a G channel),
-``warm_rollout`` (half of each batch trained on the 4-step sampler's own states, ``gumbel.rollout_prob``).
+``warm_rollout`` (half of each batch trained on the 4-step sampler's own states, ``gumbel.rollout_prob``),
+``warm_drafts1`` / ``warm_drafts3`` (one or three in-network drafts, ``gumbel.drafts``).
 The teacher is a LLaMA with
 random weights (its values do not change the cost). Every variant runs exactly the step that
 training runs (``benchmarks/step_time.py``'s ``benchmark``, random tokens); ``--steps=0`` reads
@@ -74,9 +75,11 @@ def variant_config(variant: str):
     if warm:  # `...,logit_channel,warm[,g_softmax|g_linear]`: the student is the teacher's decoder
         set_fields(c, WARM_RECIPE)
         c.model.flow_dim = 32
-        rollout = name == "warm_rollout"
-        c.gumbel.g_channel = "none" if rollout else name.removeprefix("warm").removeprefix("_g_") or "none"
+        rollout, drafts = name == "warm_rollout", name.startswith("warm_drafts")
+        plain = rollout or drafts
+        c.gumbel.g_channel = "none" if plain else name.removeprefix("warm").removeprefix("_g_") or "none"
         c.gumbel.rollout_prob = 0.5 if rollout else 0.0
+        c.gumbel.drafts = int(name.removeprefix("warm_drafts")) if drafts else 0
     c.model.tie_embeddings = False  # as the Gumbel configs, so only the Gumbel parts differ
     c.model.vocab_size, c.model.dim, c.model.num_layers = _VOCAB.value, _DIM.value, _LAYERS.value
     c.model.num_heads, c.model.max_len, c.model.dtype = _HEADS.value, _SEQ.value, _DTYPE.value

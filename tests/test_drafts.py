@@ -160,3 +160,15 @@ def test_config_errors() -> None:
         parse_config(c)
     cfg = parse_config(_config("shakespeare_gumbel", "cpu,drafts"))
     assert student_config(cfg.model, parse_gumbel_config(cfg.extra["gumbel"])).g_drafts == 1
+
+
+def test_an_open_gate_at_init_moves_the_student_off_its_teacher() -> None:
+    teacher = _bundle(_llama())
+    student = _warm_student(teacher, g_drafts=1, g_draft_gate_init=1.0, singular_logits=False)
+    np.testing.assert_allclose(20.0 * np.asarray(student.draft_gate[...]), 1.0, rtol=1e-6)
+    tokens = _tokens()
+    got = np.asarray(student.network_logits(student.embed(tokens), jnp.ones((tokens.shape[0],)),
+                                            GumbelInput(None, whole_noise(_gumbel()), T)))
+    assert np.abs(got - _teacher_logits(teacher, tokens)).max() > 1e-3
+    with pytest.raises(ConfigError, match="draft_gate_init"):
+        parse_gumbel_config({"drafts": 1, "draft_gate_init": "open", "logit_channel": True, "conditioning": "none"})

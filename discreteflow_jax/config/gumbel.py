@@ -38,6 +38,7 @@ class GumbelConfig:
     # draft_loss, joins the loss (docs/distill_cpu.md).
     drafts: int = 0
     draft_loss: float = 1.0
+    draft_gate_init: float = 0.0  # > 0: the drafts enter from the start (the student is then not its teacher at t = 1)
     # Sampler-state training of a logit-channel student (``gumbel_distill.sampler_states``): the
     # share of each batch's sequences that enter as the K-step sampler's own state, K = rollout_steps.
     rollout_prob: float = 0.0
@@ -86,6 +87,8 @@ def parse_gumbel_config(section: Mapping[str, Any] | None) -> GumbelConfig:
                           "config.gumbel.logit_channel=True or drafts=0")
     if g.drafts and g.rollout_prob > 0:
         raise ConfigError("config.gumbel.drafts > 0 and rollout_prob > 0 are not combined; set one of them to 0")
+    if not isinstance(g.draft_gate_init, (int, float)) or isinstance(g.draft_gate_init, bool):
+        raise ConfigError(f"config.gumbel.draft_gate_init must be a number, got {g.draft_gate_init!r}")
     if not (isinstance(g.draft_loss, (int, float)) and g.draft_loss >= 0):
         raise ConfigError(f"config.gumbel.draft_loss must be >= 0 (the weight of the drafts' KL), got {g.draft_loss!r}")
     if not 0.0 <= g.rollout_prob <= 1.0:
@@ -134,7 +137,7 @@ def student_config(model: TokenFlowConfig, gumbel: GumbelConfig) -> TokenFlowCon
                           "config.gumbel.conditioning='none' (logit channel) or 'x0'")
     return dataclasses.replace(model, cross_attention=wants, context_dim=0, g_channel=gumbel.g_channel,
                                g_channel_rank=gumbel.g_channel_rank, g_channel_tau=gumbel.g_channel_tau,
-                               g_drafts=gumbel.drafts)
+                               g_drafts=gumbel.drafts, g_draft_gate_init=float(gumbel.draft_gate_init))
 
 
 def check_logit_channel(model: TokenFlowConfig) -> None:

@@ -54,6 +54,7 @@ class TokenFlowConfig:
     g_channel_rank: int = 64  # r of the linear channel
     g_channel_tau: float = 1.0  # τ of the softmax channel
     g_drafts: int = 0  # in-network drafts argmax(head + G) fed back at the next position (models/warmflow.py)
+    g_draft_gate_init: float = 0.0  # the drafts' gate at init; 0 keeps the untrained student its teacher at t = 1
 
     @property
     def ffn_width(self) -> int:

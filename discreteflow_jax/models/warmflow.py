@@ -129,7 +129,10 @@ class WarmFlow(FlowSpace, nnx.Module):
         )
         self.g_up = linear(cfg.g_channel_rank, d, rngs=rngs, zero_init=True) if lin else None
         self.draft_after = draft_layers(backbone.config.num_layers, cfg.g_drafts)
-        self.draft_gate = nnx.Param(jnp.zeros((cfg.g_drafts, d), jnp.float32)) if cfg.g_drafts else None
+        self.draft_gate = (
+            nnx.Param(jnp.full((cfg.g_drafts, d), cfg.g_draft_gate_init / DRAFT_GATE_GAIN, jnp.float32))
+            if cfg.g_drafts else None
+        )
         self.time_warp = None  # the learned time sampler is not offered for warm students
 
     @property

@@ -78,6 +78,7 @@ def add_gumbel_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     # teacher's embedding of d_j (gated, zero at init); draft_loss weighs the drafts' KL. 0: off.
     c.gumbel.drafts = 0
     c.gumbel.draft_loss = 1.0
+    c.gumbel.draft_gate_init = 0.0  # the gate's start; > 0 opens it from step 0 (no longer the teacher at t = 1)
     # Sampler-state training (logit channel): this share of each batch's sequences is trained on the
     # state the K-step sampler (K = rollout_steps, uniform grid) reaches from its own x0 and G after
     # 1..K−1 of its steps, instead of on the clean path x_t (docs/distill_cpu.md). 0: off.
