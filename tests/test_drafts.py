@@ -172,3 +172,20 @@ def test_an_open_gate_at_init_moves_the_student_off_its_teacher() -> None:
     assert np.abs(got - _teacher_logits(teacher, tokens)).max() > 1e-3
     with pytest.raises(ConfigError, match="draft_gate_init"):
         parse_gumbel_config({"drafts": 1, "draft_gate_init": "open", "logit_channel": True, "conditioning": "none"})
+
+
+def test_a_prompted_sample_keeps_its_prompt_and_drafts_it_as_known() -> None:
+    from discreteflow_jax.conditioning import conditional_sample
+
+    student = _drafting_student(gate=0.5)
+    prompt = _tokens(seed=4)
+    known = jnp.zeros(prompt.shape, bool).at[:, :5].set(True)
+    grid = flow.time_grid(2)
+    out = np.asarray(conditional_sample(student, jax.random.key(2), grid, prompt, known, gumbel=DRAFTING,
+                                        polish_steps=1))
+    np.testing.assert_array_equal(out[:, :5], np.asarray(prompt[:, :5]))
+    # The free positions read the prompt: another prompt token changes them.
+    other = prompt.at[:, 4].set((prompt[:, 4] + 1) % V)
+    out2 = np.asarray(conditional_sample(student, jax.random.key(2), grid, other, known, gumbel=DRAFTING,
+                                         polish_steps=1))
+    assert (out2[:, 5:] != out[:, 5:]).any()
