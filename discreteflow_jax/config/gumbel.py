@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from discreteflow_jax.config.model import TokenFlowConfig
-from discreteflow_jax.config.schema import ConfigError
+from discreteflow_jax.config.schema import ConfigError, check_whole
 
 # "none": Gaussian x0 and no context; the student sees G only through the logit channel.
 CONDITIONINGS = ("x0", "cross_attention", "none")
@@ -80,8 +80,7 @@ def parse_gumbel_config(section: Mapping[str, Any] | None) -> GumbelConfig:
         raise ConfigError(f"config.gumbel.g_channel_rank must be a positive integer, got {g.g_channel_rank!r}")
     if not g.g_channel_tau > 0:
         raise ConfigError(f"config.gumbel.g_channel_tau must be > 0, got {g.g_channel_tau}")
-    if not isinstance(g.drafts, int) or isinstance(g.drafts, bool) or g.drafts < 0:
-        raise ConfigError(f"config.gumbel.drafts must be an integer >= 0 (0 = off), got {g.drafts!r}")
+    check_whole(g.drafts, "gumbel.drafts", 0, " (0 = off)")
     if g.drafts and not g.logit_channel:
         raise ConfigError("config.gumbel.drafts > 0 drafts argmax(head + G) inside a logit-channel student; set "
                           "config.gumbel.logit_channel=True or drafts=0")
@@ -100,8 +99,7 @@ def parse_gumbel_config(section: Mapping[str, Any] | None) -> GumbelConfig:
     if g.rollout_prob > 0 and not g.logit_channel:
         raise ConfigError("config.gumbel.rollout_prob > 0 trains a logit-channel student on its sampler's states; set "
                           "config.gumbel.logit_channel=True or rollout_prob=0")
-    if not isinstance(g.chunk_size, int) or isinstance(g.chunk_size, bool) or g.chunk_size < 0:
-        raise ConfigError(f"config.gumbel.chunk_size must be an integer >= 0 (0 = automatic), got {g.chunk_size!r}")
+    check_whole(g.chunk_size, "gumbel.chunk_size", 0, " (0 = automatic)")
     return g
 
 

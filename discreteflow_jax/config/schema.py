@@ -35,6 +35,13 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which field and what to do."""
 
 
+def check_whole(value: Any, name: str, minimum: int, meaning: str = "") -> None:
+    """Raises ConfigError unless ``value`` (the field ``config.NAME``) is an integer >= ``minimum``
+    (booleans are not integers here)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"config.{name} must be an integer >= {minimum}{meaning}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     name: str = "shakespeare"

@@ -24,6 +24,7 @@ from discreteflow_jax.config.schema import (
     MeshConfig,
     SampleConfig,
     TrainConfig,
+    check_whole,
 )
 
 MAX_BUCKETS = 100  # flow.num_buckets: one logged metric per bucket and loss
@@ -71,11 +72,6 @@ def check_choices(cfg: ml_collections.ConfigDict) -> None:
 def _positive(value: Any, name: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"config.{name} must be a positive integer, got {value!r}")
-
-
-def _whole(value: Any, name: str, minimum: int, meaning: str = "") -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"config.{name} must be an integer >= {minimum}{meaning}, got {value!r}")
 
 
 def _in_range(value: Any, name: str, low: float, high: float, *, high_open: bool = False, why: str = "") -> None:
@@ -141,7 +137,7 @@ def validate_warm_start(model: TokenFlowConfig, task: str) -> None:
     if model.warm_flow_init not in ("teacher", "random"):
         raise ConfigError(f"config.model.warm_flow_init={model.warm_flow_init!r} is not a valid choice; use one of: "
                           "teacher, random")
-    _whole(model.warm_input_topk, "model.warm_input_topk", 0, " (0 = the whole vocabulary)")
+    check_whole(model.warm_input_topk, "model.warm_input_topk", 0, " (0 = the whole vocabulary)")
     if model.warm_input_topk > model.vocab_size:
         raise ConfigError(f"config.model.warm_input_topk={model.warm_input_topk} exceeds the vocabulary "
                           f"({model.vocab_size}); use 0 for all tokens")
@@ -167,7 +163,7 @@ def validate_warm_start(model: TokenFlowConfig, task: str) -> None:
 def validate_train(train: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
         _positive(getattr(train, name), f"train.{name}")
-    _whole(train.eval_batches, "train.eval_batches", 0, " (0 = every validation window once)")
+    check_whole(train.eval_batches, "train.eval_batches", 0, " (0 = every validation window once)")
     _in_range(train.min_lr_ratio, "train.min_lr_ratio", 0.0, 1.0, why=" (the final lr as a fraction of the peak)")
     for name in ("b1", "b2"):
         _in_range(getattr(train, name), f"train.{name}", 0.0, 1.0, high_open=True, why=" (an AdamW decay rate)")
