@@ -14,6 +14,17 @@ import jax.numpy as jnp
 NoiseFn = Callable[[jax.Array], jax.Array]
 
 
+def over_position_chunks(fn: Callable[[jax.Array], Any], seq_len: int, chunk: int) -> Any:
+    """Runs ``fn(start)`` — a pytree of [B, C, ...] arrays for positions start..start+C−1 — for each
+    chunk of ``chunk`` positions (0: one chunk) under ``lax.scan``, and joins them as [B, T, ...]."""
+    chunk = seq_len if chunk <= 0 else chunk
+    if seq_len % chunk:
+        raise ValueError(f"noise_chunk={chunk} must divide the sequence length {seq_len}")
+    _, out = jax.lax.scan(lambda _, index: (None, fn(index * chunk)), None, jnp.arange(seq_len // chunk))
+    # [chunks, B, C, ...] -> [B, T, ...]
+    return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], seq_len, *a.shape[3:]), out)
+
+
 def noisy_readout(
     model: Any, x: jax.Array, t_B: jax.Array, context: jax.Array | None, noise_fn: NoiseFn, *,
     temperature: float = 1.0, noise_tau: float = 0.0, chunk: int = 0,
@@ -26,10 +37,8 @@ def noisy_readout(
     argmax run ``chunk`` positions at a time under ``lax.scan`` (0 or T: one chunk), so the
     [B, T, V] logits and noise never exist whole. Models without ``hidden``/``output_logits``
     (test oracles) are read whole and sliced. ``t_B`` is [B] or [B, T]."""
-    b, seq_len = x.shape[:2]
+    seq_len = x.shape[1]
     chunk = seq_len if chunk <= 0 else chunk
-    if seq_len % chunk:
-        raise ValueError(f"noise_chunk={chunk} must divide the sequence length {seq_len}")
     if hasattr(model, "hidden") and hasattr(model, "output_logits"):
         h = model.hidden(x, t_B, context).astype(jnp.float32)
 
@@ -45,18 +54,13 @@ def noisy_readout(
 
     emb = model.embeddings()
 
-    def one_chunk(_, index):
-        start = index * chunk
+    def one_chunk(start: jax.Array) -> tuple[jax.Array, jax.Array]:
         noisy = logits_of(start) / temperature + noise_fn(start + jnp.arange(chunk))
         tokens = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
         if noise_tau > 0:
             x1 = jnp.einsum("bcv,vf->bcf", jax.nn.softmax(noisy / noise_tau, axis=-1), emb)
         else:
             x1 = jnp.take(emb, tokens, axis=0)
-        return None, (x1, tokens)
+        return x1, tokens
 
-    _, (x1, tokens) = jax.lax.scan(one_chunk, None, jnp.arange(seq_len // chunk))
-    # [chunks, B, C, ...] -> [B, T, ...]
-    x1 = jnp.moveaxis(x1, 0, 1).reshape(b, seq_len, -1)
-    tokens = jnp.moveaxis(tokens, 0, 1).reshape(b, seq_len)
-    return x1, tokens
+    return over_position_chunks(one_chunk, seq_len, chunk)

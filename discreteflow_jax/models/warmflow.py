@@ -46,6 +46,7 @@ from discreteflow_jax.models.gpt2 import GPT2, GPT2Config
 from discreteflow_jax.models.layers import Attention, apply_rope, dot_product_attention, linear, truncated_normal_init
 from discreteflow_jax.models.linear_ce import cross_entropy
 from discreteflow_jax.models.llama import Llama, LlamaConfig
+from discreteflow_jax.models.noisy_argmax import over_position_chunks
 from discreteflow_jax.models.tokenflow import FlowSpace, per_position, singular_coefficient, timestep_features
 
 WARM_ATTENTIONS = ("causal", "gated")
@@ -234,20 +235,15 @@ class WarmFlow(FlowSpace, nnx.Module):
     def draft_tokens(self, h_BTD: jax.Array, gumbel_input: GumbelInput) -> jax.Array:
         """argmax(head(h) + G) [B, T] int32, ``gumbel_input.chunk`` positions at a time (no gradient);
         known positions keep their tokens."""
-        b, seq_len, _ = h_BTD.shape
-        chunk = gumbel_input.chunk if 0 < gumbel_input.chunk <= seq_len else seq_len
-        if seq_len % chunk:
-            raise ValueError(f"the draft chunk {chunk} must divide the sequence length {seq_len}")
+        seq_len = h_BTD.shape[1]
+        chunk = gumbel_input.chunk if gumbel_input.chunk > 0 else seq_len
         h = jax.lax.stop_gradient(h_BTD)
 
-        def one_chunk(_, index):
-            start = index * chunk
+        def one_chunk(start: jax.Array) -> jax.Array:
             logits = self.backbone._logits(jax.lax.dynamic_slice_in_dim(h, start, chunk, axis=1))
-            noisy = logits + gumbel_input.noise_fn(start + jnp.arange(chunk))
-            return None, jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+            return jnp.argmax(logits + gumbel_input.noise_fn(start + jnp.arange(chunk)), axis=-1).astype(jnp.int32)
 
-        _, tokens = jax.lax.scan(one_chunk, None, jnp.arange(seq_len // chunk))
-        tokens = jnp.moveaxis(tokens, 0, 1).reshape(b, seq_len)
+        tokens = over_position_chunks(one_chunk, seq_len, chunk)
         if gumbel_input.known_mask is not None:  # a prompt's tokens are known: no need to guess them
             tokens = jnp.where(gumbel_input.known_mask, gumbel_input.known_tokens.astype(jnp.int32), tokens)
         return tokens
