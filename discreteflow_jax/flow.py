@@ -279,6 +279,20 @@ def euler_update(x_t: jax.Array, x1_hat: jax.Array, t: jax.Array, t_next: jax.Ar
     return x_t + frac * (x1_hat - x_t)
 
 
+def finish_positions(
+    model: TokenFlow, logits: jax.Array, x1_hat: jax.Array, t: jax.Array, t_next: jax.Array
+) -> jax.Array:
+    """A staggered sampler's x̂₁ for the positions that reach t = 1 at this step: the embedding of
+    the argmax of their logits, not the posterior mean. The ordinary sampler's tokens are the argmax
+    of its last logits; a position that finishes before the last step would otherwise be left at a
+    blend of embeddings, which later positions read as context and which the final read-out maps
+    to the token nearest the blend (a different token whenever the posterior is not one-hot).
+    ``t``, ``t_next``: [T, 1]."""
+    finishing = (t < 1.0) & (t_next >= 1.0)
+    tokens = jnp.argmax(logits, axis=-1)
+    return jnp.where(finishing[None], jnp.take(model.embeddings(), tokens, axis=0), x1_hat)
+
+
 def staggered_times(s: jax.Array, seq_len: int, stagger: float) -> jax.Array:
     """Per-position flow times [T] at sampler progress ``s`` ∈ [0, 1] (AR-Diffusion's schedule):
     t_j = clip((1 + w)·s − w·j/(T − 1), 0, 1) with w = ``stagger``. Every position runs from noise
@@ -318,8 +332,10 @@ def sample_flow(
     [B, T, V] array exists in the loop: the noise is drawn again for each chunk at each step.
 
     ``stagger`` w > 0 gives every position its own time (``staggered_times``; the grid is then the
-    sampler's progress s, not t): left positions are denoised first. ``clamp_fn`` then receives t
-    as [T, 1]. The model's time input is capped at ``MAX_MODEL_TIME`` (training never draws t = 1).
+    sampler's progress s, not t): left positions are denoised first, and each one ends, when it
+    reaches t = 1, on the embedding of the argmax of its last logits (``finish_positions``), which
+    the later positions read as clean context. ``clamp_fn`` then receives t as [T, 1]. The model's
+    time input is capped at ``MAX_MODEL_TIME`` (training never draws t = 1).
 
     The tokens need only the argmax of the last logits, so the last step skips the softmax and
     the V-wide p·E matmul (exact: same tokens; one of the 2K V-wide matmuls of a K-step sample)
@@ -349,6 +365,8 @@ def sample_flow(
 
         def advance(_):
             x1_hat = posterior_mean(model, logits, temperature) if logit_noise is None else noisy_x1
+            if stagger > 0 and logit_noise is None:
+                x1_hat = finish_positions(model, logits, x1_hat, t, t_next)
             return euler_update(x, x1_hat, t, t_next), tokens, x1_hat
 
         def finish(_):

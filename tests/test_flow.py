@@ -424,6 +424,8 @@ def reference_staggered_sampler(model, x0, grid, stagger):
         for j in range(seq_len):
             if t[j] >= 1.0:  # reached the data: held
                 new.append(x[:, j])
+            elif t_next[j] >= 1.0:  # reaches the data now: the embedding of its argmax token
+                new.append(model.embeddings()[jnp.argmax(logits[:, j], axis=-1)])
             else:
                 new.append(x[:, j] + (t_next[j] - t[j]) / (1 - t[j]) * (x1_hat[:, j] - x[:, j]))
         x = jnp.stack(new, axis=1)
@@ -444,3 +446,6 @@ def test_staggered_sampler_matches_plain_reference():
     _, x_early = flow.sample_flow(model, x0, grid[:4], stagger=1.5, final_state=True)  # s = 0.5 > 1/2.5
     np.testing.assert_allclose(x_early[:, 0], x[:, 0], atol=1e-6)
     assert float(jnp.abs(x_early[:, -1] - x[:, -1]).max()) > 1e-3  # later positions still move
+    # Every position ends on the embedding of its token (not on a blend of embeddings), also the
+    # ones that finished before the last step and were read as context from then on.
+    np.testing.assert_allclose(x, model.embeddings()[tokens], atol=1e-6)
