@@ -138,6 +138,37 @@ def test_top_k_input_equals_the_full_posterior_when_k_is_the_vocabulary() -> Non
     assert np.abs(np.asarray(top_few.teacher_inputs(x, t)) - want).max() > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_staggered_sampler_of_an_untrained_causal_student_decodes_like_its_teacher(kind: str) -> None:
+    # With w = T − 1 and K = T steps the staggered sampler moves one position per call from t = 0
+    # to t = 1, with every earlier position finished on the embedding of its token: the untrained
+    # causal student then reads its teacher's input and, at t = 0, adds nothing to its teacher's
+    # logits, so its sample is the teacher's greedy decoding, whatever the noise x0.
+    from discreteflow_jax import flow
+
+    seq_len = 9
+    # Weights twice the usual tests' scale, so that the greedy decoding is not one repeated token.
+    if kind == "llama":
+        net = Llama(LlamaConfig(vocab_size=V, dim=32, num_layers=2, num_heads=4, ffn_hidden=64, max_len=32,
+                                bos_id=BOS, init_std=0.5), rngs=nnx.Rngs(3))
+    else:
+        net = GPT2(GPT2Config(vocab_size=V, dim=32, num_layers=2, num_heads=4, max_len=T, bos_id=BOS, eos_id=BOS,
+                              init_std=0.5), rngs=nnx.Rngs(4))
+    teacher = _bundle(net)
+    student = _warm_student(teacher, warm_attention="causal")
+    grid = flow.time_grid(seq_len)
+    for k in range(seq_len + 1):  # the premise: every position's times are exactly 0 or 1
+        expected = jnp.clip(k - jnp.arange(seq_len), 0, 1).astype(jnp.float32)
+        np.testing.assert_array_equal(flow.staggered_times(grid[k], seq_len, seq_len - 1.0), expected)
+    x0 = flow.gaussian_source(jax.random.key(5), 2, seq_len, student)
+    tokens, _ = flow.sample_flow(student, x0, grid, stagger=seq_len - 1.0)
+    greedy = np.zeros((2, seq_len), np.int32)
+    for j in range(seq_len):
+        greedy[:, j] = np.argmax(_teacher_logits(teacher, jnp.asarray(greedy))[:, j], axis=-1)
+    np.testing.assert_array_equal(np.asarray(tokens), greedy)
+    assert len(np.unique(greedy)) > 3  # a decoding that depends on its prefix, not one token
+
+
 def test_flow_space_from_teacher_keeps_neighbours() -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((40, 16))
