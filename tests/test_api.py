@@ -187,9 +187,19 @@ def test_unconditional_sampling_matches_the_training_sampler():
     x0 = flow.gaussian_source(jax.random.key(5), 2, 16, m)
     ref, _ = flow.sample_flow(m, x0, flow.time_grid(3))
     np.testing.assert_array_equal(ours, np.asarray(ref))
-    staggered = model.sample_tokens(2, 3, seed=5, stagger=2.0)
-    ref_staggered, _ = flow.sample_flow(m, x0, flow.time_grid(3), stagger=2.0)
+    staggered = model.sample_tokens(2, 6, seed=5, stagger=2.0)
+    ref_staggered, _ = flow.sample_flow(m, x0, flow.time_grid(6), stagger=2.0)
     np.testing.assert_array_equal(staggered, np.asarray(ref_staggered))
+
+
+def test_staggered_sampling_with_under_one_step_per_position_says_so(caplog):
+    model = tiny_flow(CharTokenizer())
+    with caplog.at_level("WARNING"):
+        model.sample_tokens(1, 6, stagger=2.0)  # two steps per position
+    assert "decoded greedily" not in caplog.text
+    with caplog.at_level("WARNING"):
+        model.sample_tokens(1, 2, stagger=2.0)  # 2/3 of a step per position
+    assert "decoded greedily" in caplog.text and "steps >= 6" in caplog.text
 
 
 def test_score_reports_every_t_bucket():

@@ -5,6 +5,7 @@ scoring text with its own flow loss. Programs are compiled once per shape and ke
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +26,8 @@ from discreteflow_jax.inference.teacher_model import TeacherModel
 from discreteflow_jax.io.teacher import TeacherBundle, load_teacher
 from discreteflow_jax.models.tokenflow import TokenFlow, TokenFlowConfig
 from discreteflow_jax.tasks import summarize_flow
+
+log = logging.getLogger(__name__)
 
 
 def model_config(cfg: ExperimentConfig) -> Any:
@@ -141,6 +144,12 @@ class TokenFlowModel:
         if condition not in CONDITION_MODES:
             raise ValueError(f"condition must be one of {', '.join(CONDITION_MODES)}, got {condition!r}")
         self.check_polish(polish_steps)
+        if stagger > 0 and steps < 1 + stagger:
+            # Each position spends a share 1/(1 + w) of the grid on its way: under one step it jumps
+            # from noise to data in one call, i.e. takes the argmax of its left context's prediction.
+            log.warning("stagger %g with %d steps gives each position %.2f flow steps (< 1): positions are "
+                        "decoded greedily from their left context; use steps >= %d for a flow per position",
+                        stagger, steps, steps / (1 + stagger), int(np.ceil(2 * (1 + stagger))))
         if known_noise not in KNOWN_NOISE:
             raise ValueError(f"known_noise must be one of {', '.join(KNOWN_NOISE)}, got {known_noise!r}")
         grid = flow.time_grid(steps, schedule, schedule_param)
