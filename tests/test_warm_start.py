@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from discreteflow_jax import flow
 from discreteflow_jax.config import ConfigError, TokenFlowConfig, parse_config
 from discreteflow_jax.io.teacher import TeacherBundle
 from discreteflow_jax.models.generate import teacher_inputs
@@ -36,14 +37,14 @@ def _bundle(model: nnx.Module) -> TeacherBundle:
                          vocab_size=c.vocab_size, max_len=c.max_len, source="test teacher")
 
 
-def _llama() -> Llama:
+def _llama(init_std: float = 0.2) -> Llama:
     return Llama(LlamaConfig(vocab_size=V, dim=32, num_layers=2, num_heads=4, ffn_hidden=64, max_len=32, bos_id=BOS,
-                             init_std=0.2), rngs=nnx.Rngs(3))
+                             init_std=init_std), rngs=nnx.Rngs(3))
 
 
-def _gpt2() -> GPT2:
+def _gpt2(init_std: float = 0.2) -> GPT2:
     return GPT2(GPT2Config(vocab_size=V, dim=32, num_layers=2, num_heads=4, max_len=T, bos_id=BOS, eos_id=BOS,
-                           init_std=0.2), rngs=nnx.Rngs(4))
+                           init_std=init_std), rngs=nnx.Rngs(4))
 
 
 def _student_cfg(**kw) -> TokenFlowConfig:
@@ -144,17 +145,9 @@ def test_staggered_sampler_of_an_untrained_causal_student_decodes_like_its_teach
     # to t = 1, with every earlier position finished on the embedding of its token: the untrained
     # causal student then reads its teacher's input and, at t = 0, adds nothing to its teacher's
     # logits, so its sample is the teacher's greedy decoding, whatever the noise x0.
-    from discreteflow_jax import flow
-
     seq_len = 9
-    # Weights twice the usual tests' scale, so that the greedy decoding is not one repeated token.
-    if kind == "llama":
-        net = Llama(LlamaConfig(vocab_size=V, dim=32, num_layers=2, num_heads=4, ffn_hidden=64, max_len=32,
-                                bos_id=BOS, init_std=0.5), rngs=nnx.Rngs(3))
-    else:
-        net = GPT2(GPT2Config(vocab_size=V, dim=32, num_layers=2, num_heads=4, max_len=T, bos_id=BOS, eos_id=BOS,
-                              init_std=0.5), rngs=nnx.Rngs(4))
-    teacher = _bundle(net)
+    # Weights at 2.5x the other tests' scale, so that the greedy decoding is not one repeated token.
+    teacher = _bundle(_llama(init_std=0.5) if kind == "llama" else _gpt2(init_std=0.5))
     student = _warm_student(teacher, warm_attention="causal")
     grid = flow.time_grid(seq_len)
     for k in range(seq_len + 1):  # the premise: every position's times are exactly 0 or 1
