@@ -280,16 +280,16 @@ def euler_update(x_t: jax.Array, x1_hat: jax.Array, t: jax.Array, t_next: jax.Ar
 
 
 def finish_positions(
-    model: TokenFlow, logits: jax.Array, x1_hat: jax.Array, t: jax.Array, t_next: jax.Array
+    model: TokenFlow, tokens: jax.Array, x1_hat: jax.Array, t: jax.Array, t_next: jax.Array
 ) -> jax.Array:
     """A staggered sampler's x̂₁ for the positions that reach t = 1 at this step: the embedding of
-    the argmax of their logits, not the posterior mean. The ordinary sampler's tokens are the argmax
+    the step's token (the argmax of the logits, or of the noisy logits of the Gumbel logit channel),
+    not the posterior mean or the channel's soft x̂₁. The ordinary sampler's tokens are the argmax
     of its last logits; a position that finishes before the last step would otherwise be left at a
     blend of embeddings, which later positions read as context and which the final read-out maps
     to the token nearest the blend (a different token whenever the posterior is not one-hot).
-    ``t``, ``t_next``: [T, 1]."""
+    ``tokens``: [B, T]; ``t``, ``t_next``: [T, 1]."""
     finishing = (t < 1.0) & (t_next >= 1.0)
-    tokens = jnp.argmax(logits, axis=-1)
     return jnp.where(finishing[None], jnp.take(model.embeddings(), tokens, axis=0), x1_hat)
 
 
@@ -333,9 +333,10 @@ def sample_flow(
 
     ``stagger`` w > 0 gives every position its own time (``staggered_times``; the grid is then the
     sampler's progress s, not t): left positions are denoised first, and each one ends, when it
-    reaches t = 1, on the embedding of the argmax of its last logits (``finish_positions``), which
-    the later positions read as clean context. ``clamp_fn`` then receives t as [T, 1]. The model's
-    time input is capped at ``MAX_MODEL_TIME`` (training never draws t = 1).
+    reaches t = 1, on the embedding of its token (the argmax of its last logits, of the noisy ones
+    with the logit channel: ``finish_positions``), which the later positions read as clean context.
+    ``clamp_fn`` then receives t as [T, 1]. The model's time input is capped at ``MAX_MODEL_TIME``
+    (training never draws t = 1).
 
     The tokens need only the argmax of the last logits, so the last step skips the softmax and
     the V-wide p·E matmul (exact: same tokens; one of the 2K V-wide matmuls of a K-step sample)
@@ -365,8 +366,10 @@ def sample_flow(
 
         def advance(_):
             x1_hat = posterior_mean(model, logits, temperature) if logit_noise is None else noisy_x1
-            if stagger > 0 and logit_noise is None:
-                x1_hat = finish_positions(model, logits, x1_hat, t, t_next)
+            # With the logit channel at noise_tau = 0, x̂₁ is already the tokens' embedding.
+            if stagger > 0 and (logit_noise is None or noise_tau > 0):
+                step_tokens = jnp.argmax(logits, axis=-1) if logit_noise is None else noisy_tokens
+                x1_hat = finish_positions(model, step_tokens, x1_hat, t, t_next)
             return euler_update(x, x1_hat, t, t_next), tokens, x1_hat
 
         def finish(_):

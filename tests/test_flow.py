@@ -449,3 +449,20 @@ def test_staggered_sampler_matches_plain_reference():
     # Every position ends on the embedding of its token (not on a blend of embeddings), also the
     # ones that finished before the last step and were read as context from then on.
     np.testing.assert_allclose(x, model.embeddings()[tokens], atol=1e-6)
+
+
+def test_staggered_logit_channel_sampler_ends_on_its_tokens_embeddings():
+    """With the Gumbel logit channel at noise_tau > 0, x̂₁ is a soft blend softmax((h + G)/τ)·E; a
+    position that reaches t = 1 must still end on the embedding of its (noisy-argmax) token."""
+    model = make_model()
+    b, seq_len = 2, 6
+    x0 = flow.gaussian_source(jax.random.key(22), b, seq_len, model)
+    g = jax.random.gumbel(jax.random.key(23), (b, seq_len, model.cfg.vocab_size))
+    grid = flow.time_grid(6)
+    tokens, x = flow.sample_flow(model, x0, grid, logit_noise=lambda p: g[:, p], noise_tau=0.5,
+                                 stagger=1.5, final_state=True)
+    np.testing.assert_allclose(x, model.embeddings()[tokens], atol=1e-6)
+    # The soft blend is what the unfinished positions move towards: far from any embedding.
+    _, x_mid = flow.sample_flow(model, x0, grid[:4], logit_noise=lambda p: g[:, p], noise_tau=0.5,
+                                stagger=1.5, final_state=True)
+    assert float(jnp.abs(x_mid[:, -1] - x[:, -1]).max()) > 1e-3
