@@ -156,6 +156,8 @@ def gumbel_distill_loss(
     t_B: jax.Array | None = None,
     known_BT: jax.Array | None = None,
     token_time_prob: float = 0.0,
+    stagger_prob: float = 0.0,
+    stagger_width: float = 1.0,
     rollout_prob: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Masked mean over tokens of KL(p_teacher(· | x_<i) ‖ softmax(h_i)), h the student's network
@@ -174,7 +176,8 @@ def gumbel_distill_loss(
     )
     warp = model.time_warp[...] if model.time_warp is not None else None
     if t_B is None:
-        t_B = flow.training_times(t_key, tokens.shape, time_sampler, time_param, token_time_prob, warp)
+        t_B = flow.training_times(t_key, tokens.shape, time_sampler, time_param, token_time_prob, warp,
+                                  stagger_prob=stagger_prob, stagger_width=stagger_width)
     x1 = model.embed(tokens)
     if x0 is None:
         x0 = model.cfg.sigma * jax.random.normal(x0_key, x1.shape, jnp.float32)

@@ -105,7 +105,6 @@ BAD_VALUES = [
     ("shakespeare_baseline", {"flow.token_time_prob": 0.8, "flow.stagger_prob": 0.3},
      r"token_time_prob \+ config.flow.stagger_prob must be <= 1"),
     ("shakespeare_baseline", {"flow.stagger_width": 0.0}, "flow.stagger_width must be > 0"),
-    ("shakespeare_gumbel", {"flow.stagger_prob": 0.25}, "implemented for the tokenflow task only"),
     ("shakespeare_baseline", {"sample.schedule": "power", "sample.schedule_param": 0.0},
      "sample.schedule_param must be > 0 for schedule='power'"),
     ("shakespeare_baseline", {"flow.num_buckets": 0}, "flow.num_buckets must be a positive integer, got 0"),

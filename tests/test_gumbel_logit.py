@@ -317,6 +317,34 @@ def test_distillation_loss_and_agreement_against_independent_references() -> Non
     assert summary_teacher["val/gumbel_agree"] == 1.0 and abs(loss_teacher) < 1e-5
 
 
+@pytest.mark.parametrize("logit_channel", [True, False])
+def test_staggered_training_times_reach_the_gumbel_losses(logit_channel: bool) -> None:
+    """flow.stagger_prob > 0 gives a Gumbel student's training sequences staggered times (clean left
+    context beside noisy right context), as it does for the tokenflow task; validation keeps one
+    time per sequence."""
+    c, bundle, _ = _llama_task("none" if logit_channel else "x0", "data_posterior")
+    c.gumbel.logit_channel = logit_channel
+    c.flow.token_time_prob, c.flow.stagger_prob, c.flow.stagger_width = 0.0, 1.0, 3.0
+    task = gumbel_task(parse_config(c), teacher=bundle)
+    model = task.create_model(nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(0), (4, T_LLAMA), 0, VOCAB_LLAMA)
+    seen: list = []
+    real = flow.training_times
+
+    def recording(*args, **kwargs):
+        times = real(*args, **kwargs)
+        seen.append(np.asarray(times))
+        return times
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flow, "training_times", recording)
+        task.loss_fn(model, task.aux, tokens, jax.random.key(3))
+    (times,) = seen
+    assert times.shape == (4, T_LLAMA)
+    # Every row is staggered: its times fall from left to right (ties where clipped at 0 or the cap).
+    assert np.all(np.diff(times, axis=1) <= 1e-7) and np.all(times[:, 0] > times[:, -1])
+
+
 def test_loaded_model_samples_and_scores_through_the_channel() -> None:
     from discreteflow_jax.inference import flow_model
 

@@ -276,10 +276,6 @@ def parse_config(cfg: ml_collections.ConfigDict) -> ExperimentConfig:
         validate_tokenflow_model(model, data, task)
         if task == "gumbel":  # the gumbel section decides the student's conditioning layers
             student_config(model, parse_gumbel_config(raw.get("gumbel")))
-            if flow_cfg.stagger_prob > 0:  # the Gumbel losses draw their times without it: refuse, not ignore
-                raise ConfigError(f"config.flow.stagger_prob={flow_cfg.stagger_prob}: staggered training times are "
-                                  "implemented for the tokenflow task only; set it to 0 for a Gumbel student "
-                                  "(sample.stagger, the sampler option, works for both)")
     known = {"task", "seed", "causal", "model", "data", "train", "flow", "sample", "mesh"}
     extra = {k: v for k, v in raw.items() if k not in known}
     return ExperimentConfig(
