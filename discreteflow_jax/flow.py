@@ -366,8 +366,7 @@ def sample_flow(
 
         def advance(_):
             x1_hat = posterior_mean(model, logits, temperature) if logit_noise is None else noisy_x1
-            # With the logit channel at noise_tau = 0, x̂₁ is already the tokens' embedding.
-            if stagger > 0 and (logit_noise is None or noise_tau > 0):
+            if stagger > 0:
                 step_tokens = jnp.argmax(logits, axis=-1) if logit_noise is None else noisy_tokens
                 x1_hat = finish_positions(model, step_tokens, x1_hat, t, t_next)
             return euler_update(x, x1_hat, t, t_next), tokens, x1_hat

@@ -137,17 +137,14 @@ def gumbel_task(cfg: ExperimentConfig, teacher: Any | None = None) -> Task:
 
     # Sampler-state rows are a training device: validation keeps the clean path at stratified t.
     rollout_args = {"rollout_prob": gcfg.rollout_prob} if gcfg.rollout_prob > 0 else {}
-    # Staggered training times (clean left context beside noisy right context), for students sampled
-    # with sample.stagger > 0; validation keeps one time per sequence, as the tokenflow task does.
-    stagger_args = ({"stagger_prob": fc.stagger_prob, "stagger_width": fc.stagger_width}
-                    if fc.stagger_prob > 0 else {})
 
     def loss_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):
         mask = jnp.ones(tokens.shape, jnp.float32)
         return student_loss(
             model, frozen_teacher(aux), tokens, mask, key, gcfg, bos_id=bos, time_sampler=fc.time_sampler,
             time_param=fc.time_param, num_buckets=fc.num_buckets, known_BT=known_positions(fc, tokens.shape, key),
-            token_time_prob=fc.token_time_prob, **rollout_args, **stagger_args,
+            token_time_prob=fc.token_time_prob, stagger_prob=fc.stagger_prob, stagger_width=fc.stagger_width,
+            **rollout_args,
         )
 
     def eval_fn(model: TokenFlow, aux: Any, tokens: jax.Array, key: jax.Array):
